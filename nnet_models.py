@@ -1,0 +1,450 @@
+"""One training run: data loading, noise injection, models, and the train/evaluate loop.
+
+Nothing here knows about grids, pools, CSVs or progress bars: `TrainConfig` goes in,
+a flat dict of results comes out (`train_and_evaluate`).
+
+Performance design: a dataset is decoded once per process into uint8 tensors
+(`load_dataset` caches it, so forked pool workers share the parent's copy), batches are
+built by indexing, pixel noise is drawn for a whole batch at once, and label noise once
+per run. There is no per-sample Python and no DataLoader in the training loop.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+NUM_CLASSES = 10
+DATASETS = ("mnist", "fashion_mnist")
+MODEL_TYPES = ("mlp", "cnn")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
+LABEL_NOISE_TYPES = ("label_uniform", "label_flip")
+PIXEL_NOISE_TYPES = ("pixel_uniform", "pixel_empirical")
+NOISE_TYPES = LABEL_NOISE_TYPES + PIXEL_NOISE_TYPES
+OPTIMIZERS = ("adam", "sgd")
+
+# torchvision's folder name for each dataset, and the per-pixel mean/std of its training set.
+TORCHVISION_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run."""
+
+    dataset: str = "mnist"
+    model_type: str = "mlp"
+    activation: str = "relu"
+    hidden_sizes: tuple[int, ...] = (256, 128)
+    noise_type: str = "label_uniform"
+    p: float = 0.0
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    normalize: bool = True
+    seed: int = 0
+    cpu_threads: int = 1
+    max_train_samples: int | None = None
+    data_dir: str = "data"
+    use_cuda: bool = False
+
+
+# ---------------------------------------------------------------- randomness
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed for one named random stream of a run.
+
+    Separate streams for init, data order, label noise and pixel noise mean that changing
+    p or the noise type changes only the noise: repeat r shares its initial weights and
+    batch order across every p (common random numbers).
+    """
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def make_generator(seed: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, stream))
+
+
+# ---------------------------------------------------------------- data
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The IDX files of a dataset are missing and could not be downloaded."""
+
+
+class Dataset(NamedTuple):
+    """A dataset held in memory: images are uint8 of shape (N, 1, 28, 28)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def _candidate_dirs(dataset: str, data_dir: str | Path) -> list[Path]:
+    root = Path(data_dir).expanduser()
+    return [root / TORCHVISION_NAMES[dataset] / "raw", root]
+
+
+def _find_idx_file(directory: Path, filename: str) -> Path | None:
+    for candidate in (directory / filename, directory / filename.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
+    """The directory holding all four IDX files (gzipped or not), or None."""
+    for directory in _candidate_dirs(dataset, data_dir):
+        if all(_find_idx_file(directory, name) for name in IDX_FILES.values()):
+            return directory
+    return None
+
+
+def _download_with_torchvision(dataset: str, data_dir: str | Path) -> None:
+    from torchvision import datasets as tv_datasets
+
+    dataset_class = getattr(tv_datasets, TORCHVISION_NAMES[dataset])
+    for train in (True, False):
+        dataset_class(str(data_dir), train=train, download=True)
+
+
+def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Path:
+    """Return the directory of the dataset's IDX files, downloading them if allowed.
+
+    Raises DataNotFoundError naming the four files and where they belong.
+    """
+    found = find_raw_dir(dataset, data_dir)
+    if found is not None:
+        return found
+    reason = "download not attempted"
+    if download:
+        try:
+            _download_with_torchvision(dataset, data_dir)
+        except Exception as exc:  # offline, proxy, checksum...: all mean "not here"
+            reason = f"download failed: {type(exc).__name__}: {exc}"
+        found = find_raw_dir(dataset, data_dir)
+        if found is not None:
+            return found
+    expected = _candidate_dirs(dataset, data_dir)[0].resolve()
+    raise DataNotFoundError(
+        f"{dataset} data not found under data_dir={str(data_dir)!r} ({reason}). "
+        f"Put the four files {', '.join(IDX_FILES.values())} into {expected}/ "
+        f"or set data_dir to a directory that holds them directly."
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Decode one IDX file (gzipped or plain) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#x})")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+_DATASET_CACHE: dict[tuple[str, str], Dataset] = {}
+
+
+def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Dataset:
+    """The dataset decoded into tensors, cached per process (forked workers share it)."""
+    key = (dataset, str(Path(data_dir).expanduser().resolve()))
+    if key not in _DATASET_CACHE:
+        raw_dir = ensure_dataset(dataset, data_dir, download)
+        arrays = {name: read_idx(_find_idx_file(raw_dir, f)) for name, f in IDX_FILES.items()}
+        _DATASET_CACHE[key] = Dataset(
+            train_images=torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
+            train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+            test_images=torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
+            test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+        )
+    return _DATASET_CACHE[key]
+
+
+def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div_(255.0)
+
+
+def pixel_intensity_cdf(images_uint8: torch.Tensor) -> torch.Tensor:
+    """Cumulative distribution of the 256 grey levels over all pixels of `images_uint8`."""
+    counts = torch.bincount(images_uint8.flatten(), minlength=256).double()
+    return (counts.cumsum(0) / counts.sum()).float()
+
+
+# ---------------------------------------------------------------- noise
+
+
+def corrupt_labels(
+    labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give exactly round(p*N) examples, chosen at random, a new label.
+
+    `label_uniform` draws it from all K classes (it may equal the true one);
+    `label_flip` draws it from the K-1 other classes. Returns (noisy labels, bool mask of
+    the chosen examples). Draws do not depend on p, so the corrupted set at a smaller p is
+    a subset of the one at a larger p for the same generator seed.
+    """
+    n = len(labels)
+    order = torch.randperm(n, generator=generator, device=labels.device)
+    if noise_type == "label_uniform":
+        new_labels = torch.randint(0, num_classes, (n,), generator=generator, device=labels.device)
+    elif noise_type == "label_flip":
+        offsets = torch.randint(1, num_classes, (n,), generator=generator, device=labels.device)
+        new_labels = (labels[order] + offsets) % num_classes
+    else:
+        raise ValueError(f"unknown label noise type {noise_type!r}; allowed: {LABEL_NOISE_TYPES}")
+    chosen = order[: round(p * n)]
+    noisy = labels.clone()
+    noisy[chosen] = new_labels[: len(chosen)]
+    mask = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    mask[chosen] = True
+    return noisy, mask
+
+
+def sample_from_cdf(cdf: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Grey levels in [0, 1] drawn from a 256-level cumulative distribution."""
+    u = torch.rand(shape, generator=generator, device=cdf.device)
+    levels = torch.searchsorted(cdf, u.flatten(), right=True).clamp_(max=255)
+    return levels.view(shape).float().div_(255.0)
+
+
+def corrupt_pixels(
+    images: torch.Tensor, p: float, generator: torch.Generator, cdf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace each pixel independently with probability p.
+
+    Replacement values are U[0, 1], or, given `cdf`, drawn from that grey-level
+    distribution. `images` are floats in [0, 1]; a new tensor is returned.
+    """
+    mask = torch.rand(images.shape, generator=generator, device=images.device) < p
+    if cdf is None:
+        values = torch.rand(images.shape, generator=generator, device=images.device)
+    else:
+        values = sample_from_cdf(cdf, images.shape, generator)
+    return torch.where(mask, values, images)
+
+
+# ---------------------------------------------------------------- models
+
+
+def get_activation(name: str) -> nn.Module:
+    factories = {
+        "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+        "leaky_relu": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU,
+    }
+    if name not in factories:
+        raise ValueError(f"unknown activation {name!r}; allowed: {ACTIVATIONS}")
+    return factories[name]()
+
+
+class MLP(nn.Module):
+    def __init__(self, activation: str, hidden_sizes: tuple[int, ...] = (256, 128)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = 28 * 28
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), get_activation(activation)]
+            width = hidden
+        layers.append(nn.Linear(width, NUM_CLASSES))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SimpleCNN(nn.Module):
+    def __init__(self, activation: str):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), get_activation(activation), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), get_activation(activation), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), get_activation(activation),
+            nn.Linear(128, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(model_type: str, activation: str, hidden_sizes: tuple[int, ...] = (256, 128)) -> nn.Module:
+    if model_type == "mlp":
+        return MLP(activation, tuple(hidden_sizes))
+    if model_type == "cnn":
+        return SimpleCNN(activation)
+    raise ValueError(f"unknown model_type {model_type!r}; allowed: {MODEL_TYPES}")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {OPTIMIZERS}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of the one-vs-rest ROC-AUC (Mann-Whitney form, ties averaged)."""
+    aucs = []
+    for k in range(probs.shape[1]):
+        positive = labels == k
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = rankdata(probs[:, k])
+        aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy, accuracy, macro precision/recall (0 for a never-predicted class), macro AUC."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    predictions = logits.argmax(1)
+    confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2)
+    confusion = confusion.view(NUM_CLASSES, NUM_CLASSES).double()  # rows: true, cols: predicted
+    true_positives = confusion.diag()
+    precision = true_positives / confusion.sum(0).clamp(min=1)
+    recall = true_positives / confusion.sum(1).clamp(min=1)
+    return {
+        "test_loss": nn.functional.cross_entropy(logits, labels).item(),
+        "test_accuracy": (predictions == labels).double().mean().item(),
+        "test_macro_precision": precision.mean().item(),
+        "test_macro_recall": recall.mean().item(),
+        "test_macro_roc_auc": macro_roc_auc(torch.softmax(logits, 1).numpy(), labels.numpy()),
+    }
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
+class BatchSource:
+    """Turns indices into training batches: gather, scale, add pixel noise, normalize."""
+
+    def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device):
+        self.images = images_uint8
+        self.pixel_noise = cfg.noise_type in PIXEL_NOISE_TYPES
+        self.p = cfg.p
+        self.cdf = pixel_intensity_cdf(images_uint8) if cfg.noise_type == "pixel_empirical" else None
+        self.generator = make_generator(cfg.seed, "pixel_noise", device)
+        self.mean, self.std = NORMALIZATION[cfg.dataset] if cfg.normalize else (0.0, 1.0)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        images = to_float(self.images[indices])
+        if self.pixel_noise:  # also at p = 0, so the baseline runs the same code path
+            images = corrupt_pixels(images, self.p, self.generator, self.cdf)
+        return images.sub_(self.mean).div_(self.std)
+
+
+def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator) -> float:
+    """One pass over the training set in random order; returns the mean training loss."""
+    model.train()
+    n = len(labels)
+    order = torch.randperm(n, generator=order_generator, device=labels.device)
+    total_loss = torch.zeros((), device=labels.device)
+    for start in range(0, n, batch_size):
+        indices = order[start : start + batch_size]
+        loss = nn.functional.cross_entropy(model(source.batch(indices)), labels[indices])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(indices)
+    return total_loss.item() / n
+
+
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Logits for clean images, in large batches without autograd bookkeeping."""
+    model.eval()
+    with torch.inference_mode():
+        chunks = [
+            model(to_float(images_uint8[i : i + EVAL_BATCH_SIZE]).sub_(mean).div_(std))
+            for i in range(0, len(images_uint8), EVAL_BATCH_SIZE)
+        ]
+    return torch.cat(chunks)
+
+
+def select_device(use_cuda: bool) -> torch.device:
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("use_cuda=True but no CUDA device is available")
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators too, so no state leaks in from an earlier run in this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(stream_seed(seed, "init"))
+
+
+def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
+    """Train one model on (possibly corrupted) training data and evaluate it on the clean test set.
+
+    Returns a flat dict: every config field, the final metrics, `n_params`, `seconds`, and the
+    per-epoch history as two lists (`history_test_loss`, `history_test_accuracy`).
+    """
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, cfg.cpu_threads))
+    device = select_device(cfg.use_cuda)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+    limit = cfg.max_train_samples or len(data.train_labels)
+    train_images = data.train_images[:limit].to(device)
+    clean_labels = data.train_labels[:limit].to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+
+    train_labels = clean_labels
+    if cfg.noise_type in LABEL_NOISE_TYPES:
+        train_labels, _ = corrupt_labels(clean_labels, cfg.p, cfg.noise_type,
+                                         make_generator(cfg.seed, "label_noise", device))
+    source = BatchSource(cfg, train_images, device)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
+    optimizer = build_optimizer(model, cfg)
+    order_generator = make_generator(cfg.seed, "data_order", device)
+
+    history_loss, history_accuracy = [], []
+    for _ in range(cfg.epochs):
+        train_loss = train_one_epoch(model, optimizer, source, train_labels, cfg.batch_size, order_generator)
+        metrics = classification_metrics(predict_logits(model, test_images, source.mean, source.std), test_labels)
+        history_loss.append(metrics["test_loss"])
+        history_accuracy.append(metrics["test_accuracy"])
+
+    result = asdict(cfg)
+    result.update(metrics, train_loss=train_loss, n_params=count_parameters(model),
+                  history_test_loss=history_loss, history_test_accuracy=history_accuracy,
+                  seconds=time.perf_counter() - started)
+    return result
