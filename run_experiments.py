@@ -271,6 +271,7 @@ def init_worker(threads: int, cpu_slots: list[list[int]] | None, slot_counter, s
     global _started_runs
     _started_runs = started_runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handler, inherited by fork
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     nm.torch.set_num_threads(threads)
