@@ -530,14 +530,62 @@ def warn_oversubscription(config: dict) -> None:
                       f"{usable_cpus()} CPUs available: runs will compete for cores and slow down")
 
 
+def timed_run(cfg: nm.TrainConfig) -> float:
+    started = time.perf_counter()
+    nm.train_and_evaluate(cfg)
+    return time.perf_counter() - started
+
+
+def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
+    """(training samples per second, fixed seconds per epoch) of one run's kind, measured by
+    two one-epoch runs on different training-set sizes (the fixed part is mostly evaluation)."""
+    small, large = (256, 8192) if cfg.model_type == "mlp" else (128, 1024)
+    timed_run(dataclasses.replace(cfg, epochs=1, max_train_samples=small))  # warm-up
+    t_small = timed_run(dataclasses.replace(cfg, epochs=1, max_train_samples=small))
+    t_large = timed_run(dataclasses.replace(cfg, epochs=1, max_train_samples=large))
+    return (large - small) / max(t_large - t_small, 1e-9), t_small
+
+
+def estimate_seconds(specs: list[RunSpec]) -> list[float]:
+    """Estimated seconds of each run, calibrating once per kind of run (model, batch, noise kind)."""
+    rates = {}
+    estimates = []
+    for spec in specs:
+        cfg = spec.config
+        kind = (cfg.dataset, cfg.model_type, cfg.hidden_sizes, cfg.batch_size,
+                cfg.noise_type in nm.PIXEL_NOISE_TYPES, cfg.use_cuda)
+        if kind not in rates:
+            rates[kind] = calibrate(cfg)
+        samples_per_second, fixed = rates[kind]
+        n_train = min(cfg.max_train_samples or 10**9, len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels))
+        estimates.append(cfg.epochs * (n_train / samples_per_second + fixed))
+    return estimates
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def print_dry_run(config: dict) -> None:
+    """The grid, then a wall-time and memory estimate from a few seconds of calibration."""
     specs = build_grid(config)
     for spec in specs:
         cfg = spec.config
         print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} "
               f"p={cfg.p:.2f} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
-    print(f"{len(specs)} runs in the grid; {resolved_workers(config)} workers "
-          f"x {config['cpu_threads_per_worker']} threads; output_dir={config['output_dir']}")
+    workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
+    print(f"{len(specs)} runs in the grid; {workers} workers x {threads} threads; "
+          f"output_dir={config['output_dir']}")
+    print("Calibrating (a few seconds)...", flush=True)
+    nm.torch.set_num_threads(threads)
+    seconds = estimate_seconds(specs)
+    wall = max(sum(seconds) / workers, max(seconds))
+    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} CPU-minutes "
+          f"({threads} thread(s)); campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) "
+          f"on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
+          f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (upper bound: the dataset is shared).")
 
 
 def main(argv: list[str] | None = None) -> int:
