@@ -1,0 +1,257 @@
+"""IDX decoding and dataset discovery (flat folder, torchvision layout, gzipped or plain)."""
+import gzip
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nnet_models as nm
+
+TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    """Each test sees an empty per-process cache, so a tmp dir is really read from disk."""
+    monkeypatch.setattr(nm, "_DATASET_CACHE", {})
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_dir) -> nm.Dataset:
+    arrays = {name: nm.read_idx(mnist_dir / f) for name, f in nm.IDX_FILES.items()}
+    return nm.Dataset(
+        torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
+
+
+def assert_same_dataset(a: nm.Dataset, b: nm.Dataset):
+    for name, x, y in zip(nm.Dataset._fields, a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+# ---------------------------------------------------------------- read_idx
+
+
+def test_read_idx_real_mnist(mnist_dir):
+    train_images = nm.read_idx(mnist_dir / "train-images-idx3-ubyte.gz")
+    train_labels = nm.read_idx(mnist_dir / "train-labels-idx1-ubyte.gz")
+    test_images = nm.read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
+    test_labels = nm.read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")
+    assert train_images.shape == (60000, 28, 28) and train_images.dtype == np.uint8
+    assert test_images.shape == (10000, 28, 28) and test_images.dtype == np.uint8
+    assert train_labels.shape == (60000,) and test_labels.shape == (10000,)
+    assert train_labels[:10].tolist() == TRAIN_FIRST_LABELS
+    assert test_labels[:10].tolist() == TEST_FIRST_LABELS
+    assert np.bincount(train_labels, minlength=10).tolist() == TRAIN_LABEL_COUNTS
+    assert np.bincount(test_labels, minlength=10).tolist() == TEST_LABEL_COUNTS
+    assert train_images.min() == 0 and train_images.max() == 255
+    # the first training image is a "5": some ink in the middle, blank corners
+    assert train_images[0, 0, 0] == 0 and train_images[0, 10:18, 10:18].sum() > 0
+
+
+def _write_idx(path, array: np.ndarray, compress: bool):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 4), (3, 5)])
+def test_read_idx_hand_built(tmp_path, shape, compress):
+    array = (np.arange(np.prod(shape)) * 7 % 256).astype(np.uint8).reshape(shape)
+    path = tmp_path / ("x.idx.gz" if compress else "x.idx")
+    _write_idx(path, array, compress)
+    out = nm.read_idx(path)
+    assert out.shape == shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, array)
+
+
+def test_read_idx_rejects_non_ubyte_magic(tmp_path):
+    path = tmp_path / "floats.idx"
+    # type code 0x0D = float32
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + (2).to_bytes(4, "big") + np.zeros(2, np.float32).tobytes())
+    with pytest.raises(ValueError):
+        nm.read_idx(path)
+
+
+# ---------------------------------------------------------------- load_dataset layouts
+
+
+def test_load_dataset_flat_directory(mnist_dir, reference):
+    data = nm.load_dataset("mnist", mnist_dir, download=False)
+    assert data.train_images.shape == (60000, 1, 28, 28) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (10000, 1, 28, 28) and data.test_images.dtype == torch.uint8
+    assert data.train_labels.dtype == torch.int64 and data.test_labels.dtype == torch.int64
+    assert data.train_labels[:10].tolist() == TRAIN_FIRST_LABELS
+    assert data.test_labels[:10].tolist() == TEST_FIRST_LABELS
+    assert torch.bincount(data.train_labels, minlength=10).tolist() == TRAIN_LABEL_COUNTS
+    assert_same_dataset(data, reference)
+
+
+def test_load_dataset_is_cached(mnist_dir):
+    a = nm.load_dataset("mnist", mnist_dir, download=False)
+    b = nm.load_dataset("mnist", str(mnist_dir) + "/", download=False)
+    assert a is b
+
+
+def _link_files(src_dir, dst_dir):
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for name in nm.IDX_FILES.values():
+        (dst_dir / name).symlink_to(src_dir / name)
+
+
+def test_load_dataset_flat_symlinked_directory(tmp_path, mnist_dir, reference):
+    _link_files(mnist_dir, tmp_path)
+    assert nm.find_raw_dir("mnist", tmp_path) == tmp_path
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=False), reference)
+
+
+def test_load_dataset_torchvision_layout(tmp_path, mnist_dir, reference):
+    raw = tmp_path / "MNIST" / "raw"
+    _link_files(mnist_dir, raw)
+    assert nm.find_raw_dir("mnist", tmp_path) == raw
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=False), reference)
+    # data_dir may also be given as a string
+    nm._DATASET_CACHE.clear()
+    assert_same_dataset(nm.load_dataset("mnist", str(tmp_path), download=False), reference)
+
+
+def test_load_dataset_copied_files(tmp_path, mnist_dir, reference):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in nm.IDX_FILES.values():
+        shutil.copy(mnist_dir / name, raw / name)
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=False), reference)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_load_dataset_uncompressed_files(tmp_path, mnist_dir, reference, layout):
+    target = tmp_path if layout == "flat" else tmp_path / "MNIST" / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in nm.IDX_FILES.values():
+        with gzip.open(mnist_dir / name, "rb") as src, open(target / name.removesuffix(".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    assert not list(target.glob("*.gz"))
+    assert nm.find_raw_dir("mnist", tmp_path) == target
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=False), reference)
+
+
+def test_load_dataset_mixed_compressed_and_plain(tmp_path, mnist_dir, reference):
+    for i, name in enumerate(nm.IDX_FILES.values()):
+        if i % 2:
+            (tmp_path / name).symlink_to(mnist_dir / name)
+        else:
+            with gzip.open(mnist_dir / name, "rb") as src, open(tmp_path / name.removesuffix(".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=False), reference)
+
+
+# ---------------------------------------------------------------- missing data
+
+
+def _assert_helpful_message(err: nm.DataNotFoundError, data_dir):
+    msg = str(err)
+    for name in nm.IDX_FILES.values():
+        assert name in msg, f"{name} not named in {msg!r}"
+    assert str((data_dir / "MNIST" / "raw").resolve()) in msg
+
+
+def test_missing_dataset_raises_data_not_found(tmp_path):
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", tmp_path, download=False)
+    assert isinstance(info.value, FileNotFoundError)
+    _assert_helpful_message(info.value, tmp_path)
+    assert not (tmp_path / "MNIST").exists(), "download=False must not create anything"
+
+
+def test_missing_data_dir_raises_data_not_found(tmp_path):
+    missing = tmp_path / "does" / "not" / "exist"
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", missing, download=False)
+    _assert_helpful_message(info.value, missing)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_incomplete_dataset_raises_data_not_found(tmp_path, mnist_dir, layout):
+    target = tmp_path if layout == "flat" else tmp_path / "MNIST" / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in list(nm.IDX_FILES.values())[:3]:  # t10k labels missing
+        (target / name).symlink_to(mnist_dir / name)
+    assert nm.find_raw_dir("mnist", tmp_path) is None
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", tmp_path, download=False)
+    _assert_helpful_message(info.value, tmp_path)
+
+
+def test_files_split_across_layouts_are_not_combined(tmp_path, mnist_dir):
+    # three files flat, the fourth in MNIST/raw: neither directory holds all four
+    names = list(nm.IDX_FILES.values())
+    for name in names[:3]:
+        (tmp_path / name).symlink_to(mnist_dir / name)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "MNIST" / "raw" / names[3]).symlink_to(mnist_dir / names[3])
+    with pytest.raises(nm.DataNotFoundError):
+        nm.load_dataset("mnist", tmp_path, download=False)
+
+
+def _online() -> bool:
+    try:
+        socket.getaddrinfo("ossci-datasets.s3.amazonaws.com", 443)
+        return True
+    except OSError:
+        return False
+
+
+def test_failing_download_raises_data_not_found(tmp_path, monkeypatch):
+    def broken_download(dataset, data_dir):
+        raise ConnectionError("no network here")
+
+    monkeypatch.setattr(nm, "_download_with_torchvision", broken_download)
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", tmp_path, download=True)
+    _assert_helpful_message(info.value, tmp_path)
+    assert "ConnectionError" in str(info.value) and "no network here" in str(info.value)
+
+
+def test_successful_download_is_used(tmp_path, mnist_dir, reference, monkeypatch):
+    def fake_download(dataset, data_dir):
+        _link_files(mnist_dir, Path(data_dir) / nm.TORCHVISION_NAMES[dataset] / "raw")
+
+    monkeypatch.setattr(nm, "_download_with_torchvision", fake_download)
+    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=True), reference)
+
+
+def test_download_offline_raises_data_not_found(tmp_path):
+    """The machine is offline: torchvision's download fails and is reported as DataNotFoundError."""
+    if _online():
+        pytest.skip("network reachable: this test checks the offline failure path")
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", tmp_path, download=True)
+    _assert_helpful_message(info.value, tmp_path)
+    assert "download failed" in str(info.value)
+
+
+def test_ensure_dataset_returns_directory(tmp_path, mnist_dir):
+    raw = tmp_path / "MNIST" / "raw"
+    _link_files(mnist_dir, raw)
+    assert nm.ensure_dataset("mnist", tmp_path, download=False) == raw
+    assert nm.ensure_dataset("mnist", mnist_dir, download=False) == mnist_dir
+
+
+def test_train_and_evaluate_reports_missing_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(nm, "_download_with_torchvision", lambda dataset, data_dir: None)
+    cfg = nm.TrainConfig(data_dir=str(tmp_path), epochs=1, max_train_samples=10)
+    # train_and_evaluate loads with the default download=True; a download that brings nothing
+    # must still end in DataNotFoundError rather than some other exception
+    with pytest.raises(nm.DataNotFoundError):
+        nm.train_and_evaluate(cfg)
