@@ -58,6 +58,7 @@ from pathlib import Path
 import nnet_models as nm
 from results_store import RunStore, atomic_write_text, csv_value, write_csvs
 
+CSV_REFRESH_SECONDS = 30  # during a campaign, the CSVs are rewritten at most this often
 SMOKE_PRESET = {
     "activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
     "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke",
@@ -82,6 +83,8 @@ class ConfigError(ValueError):
 
 def parse_value(text: str, default):
     """Parse a command-line value by the type of the config block's default."""
+    if isinstance(default, str):  # paths and names stay text, even "123"
+        return text
     if isinstance(default, list):
         return [parse_scalar(item) for item in text.split(",") if item.strip()]
     return parse_scalar(text)
@@ -487,12 +490,18 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
 
     progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True)
 
+    csvs_written_at = time.monotonic()
+
     def on_record(record: dict) -> None:
+        nonlocal csvs_written_at
         previous = records.get(record["run_id"], {})
         record["attempts"] = record.get("attempts", 1) + previous.get("attempts", 0)
         store.save(record)  # persisted before anything is printed about it
         records[record["run_id"]] = record
         write_metadata(output_dir / "campaign.json", metadata, specs, records)
+        if time.monotonic() - csvs_written_at > CSV_REFRESH_SECONDS:  # the notebook can follow along
+            write_csvs(list(records.values()), output_dir)
+            csvs_written_at = time.monotonic()
         progress.write(describe_run(record))
         progress.update()
 
