@@ -34,6 +34,8 @@ retry_failed = True                      # on resume, run failed runs again (up 
 use_cuda = False                         # needs max_workers = 1
 data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files
 output_dir = "results"
+executor = "local"                       # local (process pool on this machine) | dask
+dask_scheduler = None                    # with executor = "dask": the scheduler, e.g. "tcp://HOST:8786"
 # =======================================================================================
 CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and name != "annotations"]
 
@@ -58,6 +60,7 @@ from pathlib import Path
 import nnet_models as nm
 from results_store import RunStore, atomic_write_text, csv_value, write_csvs
 
+EXECUTORS = ("local", "dask")
 CSV_REFRESH_SECONDS = 30  # during a campaign, the CSVs are rewritten at most this often
 SMOKE_PRESET = {
     "activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
@@ -179,6 +182,10 @@ def config_errors(config: dict) -> list[str]:
     for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda"):
         if not isinstance(config[name], bool):
             errors.append(f"{name}: {config[name]!r} is not true or false")
+    if config["executor"] not in EXECUTORS:
+        errors.append(f"executor: {config['executor']!r} is not one of: {', '.join(EXECUTORS)}")
+    elif config["executor"] == "dask" and not config["dask_scheduler"]:
+        errors.append("executor='dask' needs dask_scheduler, the scheduler's address, e.g. tcp://HOST:8786")
     if config["use_cuda"] is True:
         if config["max_workers"] != 1:
             errors.append(f"use_cuda=True needs max_workers=1 (got {config['max_workers']!r}): "
@@ -204,7 +211,8 @@ def validate(config: dict) -> None:
     errors = config_errors(config)
     if not errors:
         errors += filter(None, [output_dir_error(config["output_dir"])])
-        for dataset in dict.fromkeys(config["datasets"]):
+        local_datasets = config["datasets"] if config["executor"] == "local" else []  # else the workers' data
+        for dataset in dict.fromkeys(local_datasets):
             try:
                 nm.ensure_dataset(dataset, config["data_dir"])
             except nm.DataNotFoundError as exc:
@@ -382,7 +390,12 @@ def execute_local(specs: list[RunSpec], config: dict, on_record) -> None:
 
 
 def execute(specs: list[RunSpec], config: dict, on_record) -> None:
-    execute_local(specs, config, on_record)
+    if config["executor"] == "dask":
+        import dask_executor  # dask is needed for executor = "dask" alone
+
+        dask_executor.execute_dask(specs, config, on_record)
+    else:
+        execute_local(specs, config, on_record)
 
 
 # ---------------------------------------------------------------- campaign bookkeeping
@@ -481,12 +494,15 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     todo = runs_to_do(specs, records, config)
     metadata = campaign_metadata(config, len(specs))
     write_metadata(output_dir / "campaign.json", metadata, specs, records)
-    warn_oversubscription(config)
-    for dataset in dict.fromkeys(config["datasets"]):  # decoded once here; forked workers share it
-        nm.load_dataset(dataset, config["data_dir"])
+    if config["executor"] == "local":
+        warn_oversubscription(config)
+        for dataset in dict.fromkeys(config["datasets"]):  # decoded once here; forked workers share it
+            nm.load_dataset(dataset, config["data_dir"])
+        where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
+    else:
+        where = f"the Dask cluster at {config['dask_scheduler']}"
     print(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} already done, "
-          f"{len(todo)} to run on {resolved_workers(config)} workers "
-          f"x {config['cpu_threads_per_worker']} threads. Results: {output_dir}/", flush=True)
+          f"{len(todo)} to run on {where}. Results: {output_dir}/", flush=True)
 
     progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True)
 
@@ -511,6 +527,9 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         execute(todo, config, on_record)
     except KeyboardInterrupt:
         interrupted = True
+    except ConnectionError as exc:  # the Dask scheduler is unreachable or went away mid-campaign
+        progress.write(f"error: {exc}", file=sys.stderr)
+        interrupted = True  # every finished run is stored; the CSVs are written below
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         progress.close()
