@@ -29,13 +29,13 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import PIL.Image
+from results_store import summary_table
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from scipy import stats
 
 NUM_CLASSES = 10  # K; the same for MNIST and Fashion-MNIST
 LABEL_NOISE_TYPES = ("label_uniform", "label_flip")
@@ -171,31 +171,6 @@ def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[ok]
 
 
-def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Recompute results_summary.csv from per-run rows: one row per group of ok runs.
-
-    For each metric M: M_mean, M_std (ddof=1), M_stderr, M_ci95_low/high (Student t,
-    n-1 dof); the last four are NaN for n = 1.
-    """
-    runs = ok_runs(runs)
-    keys = [c for c in GROUP_COLUMNS if c in runs.columns]
-    grouped = runs.groupby(keys, dropna=False, sort=True)
-    summary = grouped.size().rename("n").to_frame()
-    n = summary["n"].to_numpy(dtype=float)
-    t_quantile = stats.t.ppf(0.975, n - 1) if len(n) else n  # NaN where n = 1
-    for metric in (m for m in SUMMARY_METRICS if m in runs.columns):
-        column = pd.to_numeric(runs[metric], errors="coerce").groupby(
-            [runs[k] for k in keys], dropna=False, sort=True)
-        mean, std = column.mean().to_numpy(), column.std(ddof=1).to_numpy()
-        stderr = std / np.sqrt(n)
-        summary[f"{metric}_mean"] = mean
-        summary[f"{metric}_std"] = std
-        summary[f"{metric}_stderr"] = stderr
-        summary[f"{metric}_ci95_low"] = mean - t_quantile * stderr
-        summary[f"{metric}_ci95_high"] = mean + t_quantile * stderr
-    return summary.reset_index()
-
-
 def load_results(output_dir: str | Path) -> Results:
     """Read an output directory, tolerating a campaign that is still running.
 
@@ -213,7 +188,7 @@ def load_results(output_dir: str | Path) -> Results:
     good = ok_runs(runs)
     stale = summary is None or "n" not in summary or (len(good) and summary["n"].sum() != len(good))
     if stale:
-        summary = summarize_runs(runs)
+        summary = summary_table(runs)
     if history is not None:
         if len(good) and "run_id" in good:
             history = history[history["run_id"].isin(good["run_id"])]
@@ -222,29 +197,22 @@ def load_results(output_dir: str | Path) -> Results:
 
 
 def pool_groups(summary: pd.DataFrame, by, metrics=SUMMARY_METRICS) -> pd.DataFrame:
-    """Merge the summary groups that share the values of `by` (e.g. pool over activations).
+    """Average the summary groups that share the values of `by` (e.g. over activations).
 
-    Mean and sample std are those of all the underlying runs taken together (sums of
-    x and x^2 are recovered from n, mean, std), so the result equals summarising the raw
-    runs with the other columns ignored. Returns `by`, n, and M_mean/M_std/M_stderr.
+    The pooled value is the plain mean of the group means (each activation weighs the same)
+    and its standard error is sqrt(sum of the groups' stderr^2) / (number of groups): the
+    groups are different experiments, so their spread is not sampling noise and must not
+    widen the error bars. Returns `by`, n (runs in all), and M_mean / M_stderr.
     """
     keys = list(by) or ["_all"]
     frame = summary.assign(_all=0)
-    parts = {"n": frame["n"].astype(float)}
+    grouped = frame.groupby(keys, dropna=False, sort=True)
+    pooled = grouped["n"].sum().to_frame()
+    groups = grouped.size()
     for metric in (m for m in metrics if f"{m}_mean" in frame):
-        mean, std = frame[f"{metric}_mean"], frame[f"{metric}_std"].fillna(0.0)
-        parts[f"{metric}_s1"] = frame["n"] * mean
-        parts[f"{metric}_s2"] = (frame["n"] - 1) * std**2 + frame["n"] * mean**2
-    sums = pd.DataFrame(parts).groupby([frame[k] for k in keys], dropna=False, sort=True).sum()
-    pooled = sums[["n"]].copy()
-    for metric in (m for m in metrics if f"{m}_mean" in frame):
-        n = sums["n"]
-        mean = sums[f"{metric}_s1"] / n
-        variance = ((sums[f"{metric}_s2"] - n * mean**2) / (n - 1)).clip(lower=0).where(n > 1)
-        pooled[f"{metric}_mean"] = mean
-        pooled[f"{metric}_std"] = np.sqrt(variance)
-        pooled[f"{metric}_stderr"] = np.sqrt(variance / n)
-    pooled["n"] = pooled["n"].astype(int)
+        pooled[f"{metric}_mean"] = grouped[f"{metric}_mean"].mean()
+        variance_sum = grouped[f"{metric}_stderr"].apply(lambda se: (se**2).sum(min_count=len(se)))
+        pooled[f"{metric}_stderr"] = np.sqrt(variance_sum) / groups
     pooled = pooled.reset_index()
     return pooled.drop(columns="_all") if not by else pooled
 
@@ -256,14 +224,15 @@ def pool_over_activations(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_history(history: pd.DataFrame, by=("dataset", "model_type", "noise_type", "p")) -> pd.DataFrame:
-    """Mean and stderr per epoch over all runs that share `by` (repeats, activations, ...)."""
+    """Per-epoch mean and stderr over repeats for each activation, then averaged over
+    activations like `pool_groups` does."""
     keys = [c for c in by if c in history.columns] + ["epoch"]
-    grouped = history.groupby(keys, dropna=False, sort=True)
-    out = grouped.size().rename("n").to_frame()
+    grouped = history.groupby(keys + ["activation"], dropna=False, sort=True)
+    per_activation = grouped.size().rename("n").to_frame()
     for metric in HISTORY_METRICS:
-        out[f"{metric}_mean"] = grouped[metric].mean()
-        out[f"{metric}_stderr"] = grouped[metric].std(ddof=1) / np.sqrt(out["n"])
-    return out.reset_index()
+        per_activation[f"{metric}_mean"] = grouped[metric].mean()
+        per_activation[f"{metric}_stderr"] = grouped[metric].std(ddof=1) / np.sqrt(per_activation["n"])
+    return pool_groups(per_activation.reset_index(), keys, HISTORY_METRICS)
 
 
 # ---------------------------------------------------------------- plotting helpers

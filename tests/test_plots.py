@@ -8,6 +8,7 @@ from matplotlib.container import ErrorbarContainer
 from scipy import stats
 
 import plots
+from results_store import summary_table
 
 ACTIVATIONS = ("relu", "tanh")
 P_VALUES = (0.0, 0.5, 0.9)
@@ -76,7 +77,7 @@ def write_synthetic_results(directory, with_summary=True, with_history=True, **r
     runs = synthetic_runs(**run_options)
     runs.to_csv(directory / plots.RUNS_CSV, index=False)
     if with_summary:
-        plots.summarize_runs(runs).to_csv(directory / plots.SUMMARY_CSV, index=False)
+        summary_table(runs).to_csv(directory / plots.SUMMARY_CSV, index=False)
     if with_history:
         synthetic_history(runs).to_csv(directory / plots.HISTORY_CSV, index=False)
     return runs
@@ -126,9 +127,9 @@ def test_information_limits_and_loss_floor_meet_at_ln_k():
 # ---------------------------------------------------------------- summarising
 
 
-def test_summarize_runs_matches_hand_computation():
+def test_summary_table_matches_hand_computation():
     runs = synthetic_runs()
-    summary = plots.summarize_runs(runs)
+    summary = summary_table(runs)
     assert len(summary) == len(ACTIVATIONS) * len(plots.NOISE_TYPES) * len(P_VALUES) + 1
     assert summary["n"].sum() == len(runs) - 1  # the failed run is left out
 
@@ -148,15 +149,20 @@ def test_summarize_runs_matches_hand_computation():
     assert single[["test_accuracy_std", "test_accuracy_stderr", "test_accuracy_ci95_low"]].isna().all(axis=None)
 
 
-def test_pool_over_activations_equals_summarising_raw_runs():
+def test_pool_over_activations_averages_activation_means_with_their_stderrs():
     runs = plots.ok_runs(synthetic_runs())
-    pooled = plots.pool_over_activations(plots.summarize_runs(runs))
-    direct = runs.groupby(["noise_type", "p"])["test_loss"].agg(["mean", "std", "count"]).reset_index()
+    pooled = plots.pool_over_activations(summary_table(runs))
+    per_activation = runs.groupby(["noise_type", "p", "activation"])["test_loss"].agg(["mean", "std", "count"])
+    per_activation["se2"] = per_activation["std"] ** 2 / per_activation["count"]
+    direct = per_activation.groupby(["noise_type", "p"]).agg(
+        mean=("mean", "mean"), se2=("se2", lambda s: s.sum(min_count=len(s))), groups=("mean", "size"),
+        count=("count", "sum")).reset_index()
     merged = pooled.merge(direct, on=["noise_type", "p"])
     assert len(merged) == len(pooled) == len(plots.NOISE_TYPES) * len(P_VALUES) + 1
     np.testing.assert_allclose(merged["test_loss_mean"], merged["mean"])
-    np.testing.assert_allclose(merged["test_loss_std"], merged["std"], equal_nan=True)
+    np.testing.assert_allclose(merged["test_loss_stderr"], np.sqrt(merged["se2"]) / merged["groups"], equal_nan=True)
     np.testing.assert_allclose(merged["n"], merged["count"])
+    assert merged["test_loss_stderr"].isna().sum() == 1  # the n = 1 group has no error bar
 
 
 def test_load_results_recomputes_missing_or_stale_summary(tmp_path):
@@ -166,7 +172,7 @@ def test_load_results_recomputes_missing_or_stale_summary(tmp_path):
     assert loaded.summary["n"].sum() == len(plots.ok_runs(runs))
 
     # a summary written before the last runs finished is replaced
-    plots.summarize_runs(runs.iloc[:10]).to_csv(tmp_path / plots.SUMMARY_CSV, index=False)
+    summary_table(runs.iloc[:10]).to_csv(tmp_path / plots.SUMMARY_CSV, index=False)
     assert plots.load_results(tmp_path).summary["n"].sum() == len(plots.ok_runs(runs))
 
 
@@ -235,7 +241,7 @@ def test_metric_vs_p_has_a_row_per_model_and_blanks_missing_activations(tmp_path
     runs = pd.concat([synthetic_runs(model_types=("mlp",)),
                       synthetic_runs(model_types=("cnn",), activations=("relu",), noise_types=("label_flip",),
                                      with_single_run_group=False, with_failed_run=False).assign(run_id=lambda f: f.run_id + 1000)])
-    fig = plots.plot_metric_vs_p(plots.summarize_runs(runs), "test_accuracy")
+    fig = plots.plot_metric_vs_p(summary_table(runs), "test_accuracy")
     assert len(fig.axes) == 2 * len(ACTIVATIONS)
     assert len(used_axes(fig)) == len(ACTIVATIONS) + 1
     cnn = next(ax for ax in used_axes(fig) if "cnn" in ax.get_title())
@@ -289,7 +295,7 @@ def test_learning_curves_one_line_per_p_with_band(results_dir):
 
 def test_figures_cope_with_a_single_noise_type_and_activation(tmp_path):
     runs = synthetic_runs(activations=("gelu",), noise_types=("pixel_empirical",), with_single_run_group=False)
-    summary = plots.summarize_runs(runs)
+    summary = summary_table(runs)
     for fig in (plots.plot_metric_vs_p(summary, "test_loss"), plots.plot_label_vs_pixel(summary),
                 plots.plot_macro_metrics(summary), plots.plot_label_noise_theory(summary)):
         plots.save_figure(fig, tmp_path / "f.png")
