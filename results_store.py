@@ -63,6 +63,8 @@ class RunStore:
         for path in sorted(self.directory.glob("*.json")):
             try:
                 record = json.loads(path.read_text())
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
                 missing = REQUIRED_KEYS - set(record)
                 if missing:
                     raise ValueError(f"missing fields {sorted(missing)}")

@@ -349,44 +349,74 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
         child.terminate()
 
 
+def run_pool(specs: list[RunSpec], workers: int, config: dict, on_done) -> set[str]:
+    """Run specs on a fresh process pool, calling on_done(record) for each finished run.
+
+    Returns the ids of the runs that were in flight when a worker process died (which breaks
+    the whole pool), or an empty set when every run finished.
+    """
+    threads = config["cpu_threads_per_worker"]
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    slots = cpu_slots_for(workers, threads) if config["pin_cpus"] else None
+    started = context.SimpleQueue()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
+                               initargs=(threads, slots, context.Value("i", 0), started))
+    unfinished = {spec.run_id for spec in specs}
+    try:
+        futures = [pool.submit(run_one, spec) for spec in specs]
+        for future in as_completed(futures):
+            if future.exception() is None:
+                record = future.result()
+                unfinished.discard(record["run_id"])
+                on_done(record)
+            elif not isinstance(future.exception(), BrokenProcessPool):
+                raise future.exception()
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+    return drain(started) & unfinished
+
+
 def execute_local(specs: list[RunSpec], config: dict, on_record) -> None:
     """Run specs on a local process pool; a pool broken by a dead worker is replaced.
 
-    Runs that were in flight when a worker died are charged an attempt and resubmitted;
-    after `max_attempts` they are recorded as failed.
+    The runs that were in flight when a worker died are suspects: each is rerun alone, so only
+    a run that kills its worker while alone is charged a crash (and after `max_attempts`
+    crashes recorded as failed); the innocent ones simply finish. A record's `attempts` counts
+    every start of the run, interrupted ones included.
     """
-    workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    slots = cpu_slots_for(workers, threads) if config["pin_cpus"] else None
-    attempts = {spec.run_id: 0 for spec in specs}
     remaining = {spec.run_id: spec for spec in specs}
+    interruptions = dict.fromkeys(remaining, 0)
+    crashes = dict.fromkeys(remaining, 0)
+    suspects: set[str] = set()
+
+    def on_done(record: dict) -> None:
+        del remaining[record["run_id"]]
+        record["attempts"] = 1 + interruptions[record["run_id"]]
+        on_record(record)
+
+    def after_crash(in_flight: set[str]) -> None:
+        print(f"A worker process died while running {len(in_flight)} run(s); rerunning them one at a "
+              "time to find the one that crashes.", file=sys.stderr, flush=True)
+        for run_id in in_flight:
+            interruptions[run_id] += 1
+        if len(in_flight) == 1:  # it was alone: the culprit
+            (run_id,) = in_flight
+            crashes[run_id] += 1
+            if crashes[run_id] >= config["max_attempts"]:
+                on_record(worker_died_record(remaining.pop(run_id), interruptions[run_id]))
+                return
+        suspects.update(in_flight)
+
     while remaining:
-        started = context.SimpleQueue()
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
-                                   initargs=(threads, slots, context.Value("i", 0), started))
-        try:
-            futures = {pool.submit(run_one, spec): run_id for run_id, spec in remaining.items()}
-            broken = False
-            for future in as_completed(futures):
-                try:
-                    record = future.result()
-                except BrokenProcessPool:
-                    broken = True
-                    continue
-                del remaining[record["run_id"]]
-                on_record(record)
-        except BaseException:
-            stop_pool(pool)
-            raise
-        pool.shutdown(wait=True)
-        if broken:
-            in_flight = drain(started) & remaining.keys()
-            print(f"A worker process died; restarting the pool ({len(in_flight)} runs were in flight).",
-                  file=sys.stderr, flush=True)
-            for run_id in in_flight:
-                attempts[run_id] += 1
-                if attempts[run_id] >= config["max_attempts"]:
-                    on_record(worker_died_record(remaining.pop(run_id), attempts[run_id]))
+        if suspects:
+            alone = suspects.pop()
+            in_flight = run_pool([remaining[alone]], 1, config, on_done)
+        else:
+            in_flight = run_pool(list(remaining.values()), resolved_workers(config), config, on_done)
+        if in_flight:
+            after_crash(in_flight)
 
 
 def execute(specs: list[RunSpec], config: dict, on_record) -> None:
@@ -451,6 +481,10 @@ def move_aside(output_dir: Path) -> Path | None:
         return None
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     target = output_dir.with_name(f"{output_dir.name}.old-{stamp}")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = output_dir.with_name(f"{output_dir.name}.old-{stamp}-{suffix}")
     output_dir.rename(target)
     return target
 
@@ -498,10 +532,13 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         warn_oversubscription(config)
         for dataset in dict.fromkeys(config["datasets"]):  # decoded once here; forked workers share it
             nm.load_dataset(dataset, config["data_dir"])
+        import torch._dynamo  # noqa: F401  (the optimizers import it on first use: once here, not per worker)
         where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
     else:
         where = f"the Dask cluster at {config['dask_scheduler']}"
-    print(f"{len(specs)} runs in the grid, {len(specs) - len(todo)} already done, "
+    given_up = len(specs) - len(todo) - count_statuses(specs, records)["done"]
+    print(f"{len(specs)} runs in the grid, {len(specs) - len(todo) - given_up} already done, "
+          + (f"{given_up} failed for good (out of attempts), " if given_up else "") +
           f"{len(todo)} to run on {where}. Results: {output_dir}/", flush=True)
 
     progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True)
@@ -534,6 +571,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         signal.signal(signal.SIGTERM, previous_sigterm)
         progress.close()
     metadata["finished_at"] = None if interrupted else now()
+    records = store.load()  # the files are the truth: a signal may land between a save and its bookkeeping
     finish(output_dir, records, specs, metadata)
     return report_outcome(specs, records, output_dir, interrupted)
 

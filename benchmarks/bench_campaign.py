@@ -1,0 +1,414 @@
+"""Benchmark of the campaign runner against the original per-sample DataLoader design.
+
+Run from the repository root (about 3-4 minutes on 2 cores; --accuracy adds about 1.5 more):
+    .venv/bin/python benchmarks/bench_campaign.py [--epochs 2] [--accuracy] [--data_dir DIR]
+
+It prints, in one run:
+  (a) campaign throughput, in training samples/s for the whole machine (runs x epochs x
+      training-set size over the wall time of the whole command), of this product
+      (`run_experiments.py` as a subprocess, best of 2) and of the original pipeline
+      (../shared/bench/seed_reference.py as a subprocess) on the same small grid: MLP relu,
+      pixel_uniform, p in {0, 0.5}, 2 repeats, full MNIST, 2 pool workers x 1 thread (the
+      original with 2 DataLoader workers per run); their ratio, and the ratio of samples per
+      CPU second (user + system time of all processes), which is less sensitive to load from
+      other users of the machine;
+  (b) per-core training throughput of the MLP at 1 thread (train_one_epoch with pixel noise,
+      no evaluation) as GFLOP/s (6 x parameters per sample) and as a fraction of the float32
+      matmul peak measured alongside it with torch.mm (512x784x256, 1 thread), plus the time
+      per batch of its parts;
+  (c) the same for the CNN, with FLOPs = 2 x 3 x forward multiply-adds (counted from the
+      layer shapes; the backward pass is counted as twice the forward);
+  (d) peak memory per pool worker of the product (RSS, and USS = pages private to the
+      worker), next to a process that only imports torch;
+  (e) linearity: wall time of this product for N and 2N runs, their ratio, and the fixed and
+      per-run parts of the wall time;
+  with --accuracy: mean test accuracy (+- stderr, stdev ddof=1) of this product, with
+      normalize=false (the original's inputs) and with its defaults, vs the original
+      (16 repeats, 10,000 training samples, 2 epochs, pixel_uniform p=0.5), and whether each
+      difference is within 2 standard errors.
+
+The machine is shared and noisy: in-process timings are the best of several, training and
+the matmul peak are timed in alternation, and ratios are taken within one run of this script.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import nnet_models as nm  # noqa: E402
+
+PYTHON = sys.executable
+REFERENCE = ROOT.parent / "shared" / "bench" / "seed_reference.py"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
+TRAIN_SIZE = 60_000
+WORKERS = 2
+
+
+# ---------------------------------------------------------------- campaigns as subprocesses
+
+
+@dataclass
+class Campaign:
+    """What one campaign command cost and produced."""
+
+    wall: float
+    cpu: float  # user + system seconds of the whole process tree
+    samples: int
+    rows: list[dict]
+    worker_peak_rss: int = 0  # bytes, the largest over the pool workers
+    worker_peak_uss: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.wall
+
+
+class MemoryWatcher(threading.Thread):
+    """Polls the pool workers of a campaign process (its forked children) for RSS and USS."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.process, self.interval = psutil.Process(pid), interval
+        self.rss: dict[int, int] = {}
+        self.uss: dict[int, int] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                parent_cmdline = self.process.cmdline()
+                children = self.process.children(recursive=True)
+            except psutil.Error:
+                return
+            for child in children:
+                try:
+                    if child.cmdline() != parent_cmdline:  # e.g. a resource tracker
+                        continue
+                    memory = child.memory_full_info()
+                except psutil.Error:
+                    continue
+                self.rss[child.pid] = max(self.rss.get(child.pid, 0), memory.rss)
+                self.uss[child.pid] = max(self.uss.get(child.pid, 0), memory.uss)
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants, grandchildren too
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_watched(command: list[str], env: dict | None = None,
+                cwd: Path = ROOT) -> tuple[float, float, MemoryWatcher]:
+    """Run a command to completion; returns its wall time, its CPU time (all its processes)
+    and the memory of its workers."""
+    cpu_before, started = children_cpu_seconds(), time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    watcher = MemoryWatcher(process.pid)
+    watcher.start()
+    output, _ = process.communicate()
+    wall, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu_before
+    watcher.stopped.set()
+    watcher.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}:\n{output[-3000:]}")
+    return wall, cpu, watcher
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def training_samples(rows: list[dict], epochs: int, max_train: int | None) -> int:
+    return len(rows) * epochs * (max_train or TRAIN_SIZE)
+
+
+def product_campaign(data_dir: Path, out_dir: Path, ps: str, repeats: int, epochs: int,
+                     max_train: int | None = None, extra_args: tuple[str, ...] = ()) -> Campaign:
+    """`run_experiments.py` end to end: MLP relu, pixel_uniform, 2 workers x 1 thread."""
+    command = [PYTHON, "run_experiments.py", "--model_types", "mlp", "--activations", "relu",
+               "--noise_types", "pixel_uniform", "--ps", ps, "--repeats", str(repeats),
+               "--epochs", str(epochs), "--max_workers", str(WORKERS), "--cpu_threads_per_worker", "1",
+               "--data_dir", str(data_dir), "--output_dir", str(out_dir), *extra_args]
+    if max_train:
+        command += ["--max_train_samples", str(max_train)]
+    wall, cpu, watcher = run_watched(command)
+    rows = read_csv(out_dir / "results_per_run.csv")
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} product runs failed: {failed[0]['error']}")
+    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows,
+                    max(watcher.rss.values(), default=0), max(watcher.uss.values(), default=0))
+
+
+def torchvision_layout(data_dir: Path, root: Path) -> Path:
+    """Copy the four gz files to root/MNIST/raw/, where torchvision's MNIST looks for them."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in nm.IDX_FILES.values():
+        shutil.copy(data_dir / name, raw / name)
+    return root
+
+
+def reference_campaign(tv_root: Path, out_dir: Path, ps: str, repeats: int, epochs: int,
+                       max_train: int | None = None) -> Campaign:
+    """The original pipeline (seed_reference.py) on the same grid: 2 workers x 1 thread,
+    2 DataLoader workers per run."""
+    env = dict(os.environ, REF_DATA=str(tv_root), REF_DATASET="MNIST", REF_ACTS="relu",
+               REF_MODELS="mlp", REF_PS=ps, REF_REPEATS=str(repeats), REF_EPOCHS=str(epochs),
+               REF_WORKERS=str(WORKERS), REF_THREADS="1", REF_DATA_WORKERS="2", REF_OUT=str(out_dir))
+    env.pop("REF_MAX_TRAIN", None)
+    if max_train:
+        env["REF_MAX_TRAIN"] = str(max_train)
+    wall, cpu, watcher = run_watched([PYTHON, str(REFERENCE)], env=env, cwd=REFERENCE.parent)
+    rows = read_csv(out_dir / "results_per_run.csv")
+    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows,
+                    max(watcher.rss.values(), default=0), max(watcher.uss.values(), default=0))
+
+
+def bare_torch_rss() -> int:
+    """RSS in bytes of a fresh process that has only imported torch."""
+    code = "import psutil, torch; print(psutil.Process().memory_info().rss)"
+    return int(subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+# ---------------------------------------------------------------- per-core throughput, in process
+
+
+def seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn (after one warm-up call)."""
+    fn()
+    return min(seconds(fn) for _ in range(repeats))
+
+
+def matmul_loop(calls: int = 50):
+    """A function doing `calls` float32 torch.mm of 512x784 by 784x256, and its FLOPs."""
+    a, b = torch.randn(512, 784), torch.randn(784, 256)
+
+    def loop():
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return loop, 2 * 512 * 784 * 256 * calls
+
+
+def forward_macs_per_sample(model: torch.nn.Module) -> int:
+    """Multiply-adds of one forward pass for one 1x28x28 image, in Conv2d and Linear layers
+    (activations, pooling and the loss are not counted; nor is it that the first layer needs
+    no input gradient, so 3 x forward slightly overcounts the first conv's backward)."""
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs += output.numel() * kernel  # a batch of one image
+        elif isinstance(module, torch.nn.Linear):
+            macs += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return macs
+
+
+@dataclass
+class CoreThroughput:
+    samples_per_s: float
+    flops_per_sample: float
+    peak_gflops: float
+    breakdown_us: dict[str, float]
+
+    @property
+    def gflops(self) -> float:
+        return self.samples_per_s * self.flops_per_sample / 1e9
+
+
+def step_breakdown(model, optimizer, source, labels, batch_size: int, repeats: int = 30) -> dict[str, float]:
+    """Microseconds per batch of: batch assembly (gather + noise + normalize),
+    forward + backward, optimizer.step (best of `repeats` batches each)."""
+    indices = torch.arange(batch_size)
+
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels[indices]).backward()
+
+    images = source.batch(indices)
+    parts = {"batch+noise": lambda: source.batch(indices), "fwd+bwd": forward_backward,
+             "optimizer.step": optimizer.step}
+    return {name: 1e6 * best_seconds(fn, repeats) for name, fn in parts.items()}
+
+
+def core_throughput(model_type: str, n_samples: int, rounds: int, data: nm.Dataset,
+                    fused_adam: bool = False) -> CoreThroughput:
+    """train_one_epoch (pixel_uniform, p = 0.5) on the first n_samples images, 1 thread,
+    with the product's optimizer (or, to see what it would give, Adam with fused=True).
+
+    Training and the torch.mm peak are timed in alternation, in short stretches of similar
+    length, and the best of `rounds` of each is kept, so both see the same load from others.
+    """
+    cfg = nm.TrainConfig(model_type=model_type, noise_type="pixel_uniform", p=0.5, seed=1)
+    images, labels = data.train_images[:n_samples], data.train_labels[:n_samples]
+    source = nm.BatchSource(cfg, images, torch.device("cpu"))
+    model = nm.build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
+    if fused_adam:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, fused=True)
+    else:
+        optimizer = nm.build_optimizer(model, cfg)
+    order = nm.make_generator(cfg.seed, "data_order")
+    if model_type == "mlp":
+        flops = 6 * nm.count_parameters(model)
+    else:
+        flops = 2 * 3 * forward_macs_per_sample(model)
+
+    def train():
+        nm.train_one_epoch(model, optimizer, source, labels, cfg.batch_size, order)
+
+    matmul, matmul_flops = matmul_loop()
+    train(), matmul()  # warm up
+    train_times, matmul_times = [], []
+    for _ in range(rounds):
+        train_times.append(seconds(train))
+        matmul_times.append(seconds(matmul))
+    breakdown = step_breakdown(model, optimizer, source, labels, cfg.batch_size)
+    return CoreThroughput(n_samples / min(train_times), flops, matmul_flops / min(matmul_times) / 1e9, breakdown)
+
+
+# ---------------------------------------------------------------- accuracy vs the original
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def compare_accuracy(label: str, product: Campaign, reference: Campaign) -> None:
+    ours = [float(r["test_accuracy"]) for r in product.rows]
+    theirs = [float(r["test_accuracy"]) for r in reference.rows]
+    (m1, se1), (m2, se2) = mean_and_stderr(ours), mean_and_stderr(theirs)
+    diff, se = m1 - m2, math.hypot(se1, se2)
+    verdict = "within" if abs(diff) <= 2 * se else "OUTSIDE"
+    print(f"  {label:34s} {m1:.4f} +- {se1:.4f} (n={len(ours)})  vs original {m2:.4f} +- {se2:.4f} "
+          f"(n={len(theirs)}): diff {diff:+.4f}, stderr {se:.4f} -> {abs(diff) / se:.2f} stderr, {verdict} 2")
+
+
+def accuracy_check(data_dir: Path, tv_root: Path, tmp: Path, repeats: int, epochs: int = 2,
+                   max_train: int = 10_000, p: str = "0.5") -> None:
+    print(f"\nAccuracy vs the original (MLP relu, pixel_uniform p={p}, {max_train} training samples, "
+          f"{epochs} epochs, {repeats} repeats; mean +- stderr, stdev with ddof=1):")
+    reference = reference_campaign(tv_root, tmp / "acc_ref", p, repeats, epochs, max_train)
+    same_inputs = product_campaign(data_dir, tmp / "acc_raw", p, repeats, epochs, max_train,
+                                   ("--normalize", "false"))
+    default = product_campaign(data_dir, tmp / "acc_default", p, repeats, epochs, max_train)
+    compare_accuracy("product, normalize=false (as orig.)", same_inputs, reference)
+    compare_accuracy("product, defaults (normalize=true)", default, reference)
+
+
+# ---------------------------------------------------------------- report
+
+
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+def print_core(name: str, result: CoreThroughput, flops_rule: str) -> None:
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in result.breakdown_us.items())
+    print(f"{name}: {result.samples_per_s:,.0f} samples/s on 1 thread = {result.gflops:.1f} GFLOP/s "
+          f"({flops_rule}: {result.flops_per_sample / 1e6:.2f} MFLOP/sample) = "
+          f"{result.gflops / result.peak_gflops:.0%} of torch.mm peak {result.peak_gflops:.1f} GFLOP/s\n"
+          f"    per batch of 128, us: {parts}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="folder of the four MNIST *-ubyte.gz")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run in the campaigns of (a) and (e)")
+    parser.add_argument("--accuracy", action="store_true", help="also compare accuracy with the original")
+    parser.add_argument("--accuracy_repeats", type=int, default=16)
+    parser.add_argument("--skip_reference", action="store_true", help="leave out the original pipeline")
+    return parser.parse_args()
+
+
+def print_campaign(name: str, campaign: Campaign) -> None:
+    print(f"    {name:13s} {len(campaign.rows)} runs: {campaign.wall:6.1f} s wall, "
+          f"{campaign.throughput:8,.0f} training samples/s; {campaign.cpu:6.1f} CPU s, "
+          f"{campaign.samples / campaign.cpu:8,.0f} samples per CPU s")
+
+
+def print_linearity(small: Campaign, large: Campaign, tiny: Campaign) -> None:
+    runs, more = len(small.rows), len(large.rows)
+    per_run = (large.wall - small.wall) / (more - runs)
+    print(f"(e) linearity: {runs} runs {small.wall:.1f} s ({small.cpu:.1f} CPU s), {more} runs {large.wall:.1f} s "
+          f"({large.cpu:.1f} CPU s): ratio {large.wall / small.wall:.2f} wall, {large.cpu / small.cpu:.2f} CPU "
+          f"for {more / runs:.0f}x the runs; {per_run:.2f} s wall per extra run\n"
+          f"    fixed cost (a campaign of {len(tiny.rows)} runs on {tiny.samples // len(tiny.rows)} samples): "
+          f"{tiny.wall:.1f} s wall, {tiny.cpu:.1f} CPU s")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    print(f"Load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others share this machine)")
+    with tempfile.TemporaryDirectory(prefix="bench_campaign_") as tmp_name:
+        tmp = Path(tmp_name)
+        tv_root = torchvision_layout(args.data_dir, tmp / "tv")  # the original reads this layout
+        print(f"(a) campaign on the grid MLP relu, pixel_uniform, p in {{0, 0.5}}, 2 repeats, full MNIST, "
+              f"{args.epochs} epochs per run, {WORKERS} workers x 1 thread:")
+        tries = [product_campaign(args.data_dir, tmp / f"product_{i}", "0,0.5", 2, args.epochs) for i in range(2)]
+        product = min(tries, key=lambda c: c.wall)
+        print_campaign("this product", product)
+        print(f"    (best of {len(tries)} product campaigns, wall {', '.join(f'{c.wall:.1f}' for c in tries)} s)")
+        if not args.skip_reference:
+            reference = reference_campaign(tv_root, tmp / "reference", "0,0.5", 2, args.epochs)
+            print_campaign("original", reference)
+            print(f"    ratio product / original: throughput {product.throughput / reference.throughput:.1f}x, "
+                  f"samples per CPU second {product.samples / product.cpu / (reference.samples / reference.cpu):.1f}x")
+
+        data = nm.load_dataset("mnist", args.data_dir)
+        print_core("(b) MLP 784-256-128-10", core_throughput("mlp", 30 * 128, 15, data), "6 x parameters")
+        print_core("    what if the optimizer were Adam(fused=True)",
+                   core_throughput("mlp", 30 * 128, 15, data, fused_adam=True), "6 x parameters")
+        print_core("(c) CNN", core_throughput("cnn", 3 * 128, 5, data), "2 x 3 x forward multiply-adds")
+
+        product_2n = product_campaign(args.data_dir, tmp / "product_2n", "0,0.5", 4, args.epochs)
+        print(f"(d) peak memory per pool worker, this product: RSS {mib(product.worker_peak_rss)}, "
+              f"USS (pages private to it) {mib(product.worker_peak_uss)}; "
+              f"a process that only imported torch: RSS {mib(bare_torch_rss())}")
+        if not args.skip_reference:
+            print(f"    original: largest pool or DataLoader worker: RSS {mib(reference.worker_peak_rss)}, "
+                  f"USS {mib(reference.worker_peak_uss)}")
+        tiny = product_campaign(args.data_dir, tmp / "product_tiny", "0", 2, 1, max_train=128)
+        print_linearity(product, product_2n, tiny)
+
+        if args.accuracy:
+            accuracy_check(args.data_dir, tv_root, tmp, args.accuracy_repeats)
+    print(f"Load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
