@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,10 +28,13 @@ NUM_CLASSES = 10
 DATASETS = ("mnist", "fashion_mnist")
 MODEL_TYPES = ("mlp", "cnn")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
-LABEL_NOISE_TYPES = ("label_uniform", "label_flip")
+LABEL_NOISE_TYPES = ("label_uniform", "label_flip", "label_pairflip", "label_matrix")
 PIXEL_NOISE_TYPES = ("pixel_uniform", "pixel_empirical")
 NOISE_TYPES = LABEL_NOISE_TYPES + PIXEL_NOISE_TYPES
 OPTIMIZERS = ("adam", "sgd")
+LOSS_CORRECTIONS = ("none", "forward")
+ECE_BINS = 15
+MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after each epoch
 
 # torchvision's folder name for each dataset, and the per-pixel mean/std of its training set.
 TORCHVISION_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -65,6 +69,9 @@ class TrainConfig:
     max_train_samples: int | None = None
     data_dir: str = "data"
     use_cuda: bool = False
+    noise_matrix: tuple[tuple[float, ...], ...] | None = None  # M for label_matrix: T = (1-p) I + p M
+    loss_correction: str = "none"      # "forward": train on -log((softmax(z) T)[noisy label])
+    validation_fraction: float = 0.0   # > 0: hold out this much noisy training data to pick the epoch
 
 
 # ---------------------------------------------------------------- randomness
@@ -225,24 +232,66 @@ def lookup_quantiles(quantiles: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- noise
 
 
+def check_noise_matrix(matrix, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """The matrix as a float64 tensor, if it is K x K, non-negative and row-stochastic."""
+    try:
+        tensor = torch.tensor(matrix, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"noise_matrix must be a {num_classes}x{num_classes} list of lists of numbers: {exc}")
+    if tensor.shape != (num_classes, num_classes):
+        raise ValueError(f"noise_matrix must be {num_classes}x{num_classes}, got shape {tuple(tensor.shape)}")
+    if (tensor < 0).any():
+        raise ValueError("noise_matrix has negative entries; every T[i, j] must be >= 0")
+    row_sums = tensor.sum(1)
+    if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-6):
+        bad = int((row_sums - 1).abs().argmax())
+        raise ValueError(f"noise_matrix row {bad} sums to {row_sums[bad].item():.6g}; every row must sum to 1")
+    return tensor
+
+
+def transition_matrix(noise_type: str, p: float, noise_matrix=None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """T[i, j] = P(noisy label j | true label i) of a label noise type at level p (identity for
+    pixel noise). label_matrix mixes the user's matrix M in: T = (1 - p) I + p M."""
+    k = num_classes
+    identity = torch.eye(k, dtype=torch.float64)
+    noise = {
+        "label_uniform": lambda: torch.full((k, k), 1.0 / k, dtype=torch.float64),
+        "label_flip": lambda: (1 - identity) / (k - 1),
+        "label_pairflip": lambda: identity.roll(1, dims=1),
+        "label_matrix": lambda: check_noise_matrix(noise_matrix, k),
+    }
+    if noise_type not in noise:
+        return identity
+    return (1 - p) * identity + p * noise[noise_type]()
+
+
 def corrupt_labels(
     labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
-    num_classes: int = NUM_CLASSES,
+    num_classes: int = NUM_CLASSES, noise_matrix=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give exactly round(p*N) examples, chosen at random, a new label.
+    """Noisy training labels and the bool mask of the examples that were given a new label
+    (for label_matrix: of the examples whose label changed).
 
-    `label_uniform` draws it from all K classes (it may equal the true one);
-    `label_flip` draws it from the K-1 other classes. Returns (noisy labels, bool mask of
-    the chosen examples). Draws do not depend on p, so the corrupted set at a smaller p is
-    a subset of the one at a larger p for the same generator seed.
+    `label_uniform`, `label_flip` and `label_pairflip` pick exactly round(p*N) examples at
+    random; `label_uniform` draws their new label from all K classes (it may equal the true
+    one), `label_flip` from the K-1 other classes, `label_pairflip` sets it to (y + 1) mod K.
+    Draws do not depend on p, so the set at a smaller p is a subset of the one at a larger p
+    for the same generator seed. `label_matrix` draws every example's label independently
+    from row y of T = (1 - p) I + p M (`transition_matrix`).
     """
     n = len(labels)
+    if noise_type == "label_matrix":
+        rows = transition_matrix(noise_type, p, noise_matrix, num_classes).to(labels.device)[labels]
+        noisy = torch.multinomial(rows, 1, generator=generator).squeeze(1)
+        return noisy, noisy != labels
     order = torch.randperm(n, generator=generator, device=labels.device)
     if noise_type == "label_uniform":
         new_labels = torch.randint(0, num_classes, (n,), generator=generator, device=labels.device)
     elif noise_type == "label_flip":
         offsets = torch.randint(1, num_classes, (n,), generator=generator, device=labels.device)
         new_labels = (labels[order] + offsets) % num_classes
+    elif noise_type == "label_pairflip":
+        new_labels = (labels[order] + 1) % num_classes
     else:
         raise ValueError(f"unknown label noise type {noise_type!r}; allowed: {LABEL_NOISE_TYPES}")
     chosen = order[: round(p * n)]
@@ -379,9 +428,31 @@ def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(aucs))
 
 
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list]:
+    """Reliability diagram data: per equal-width confidence bin, the count, mean confidence
+    (max softmax) and accuracy (NaN for an empty bin)."""
+    confidence, predictions = probs.max(1)
+    correct = (predictions == labels).double()
+    which = (confidence.double() * bins).long().clamp_(max=bins - 1)
+    counts = torch.bincount(which, minlength=bins).double()
+    mean_of = lambda values: torch.bincount(which, weights=values, minlength=bins) / counts  # noqa: E731
+    return {"count": counts.tolist(), "confidence": mean_of(confidence.double()).tolist(),
+            "accuracy": mean_of(correct).tolist()}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """sum over bins of (bin size / N) * |accuracy - mean confidence|, equal-width bins."""
+    reliability = calibration_bins(probs, labels, bins)
+    counts = torch.tensor(reliability["count"])
+    gaps = (torch.tensor(reliability["accuracy"]) - torch.tensor(reliability["confidence"])).abs()
+    return float((counts * gaps.nan_to_num(0.0)).sum() / counts.sum())
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Cross-entropy, accuracy, macro precision/recall (0 for a never-predicted class), macro AUC."""
+    """Cross-entropy, accuracy, macro precision/recall (0 for a never-predicted class), macro AUC,
+    expected calibration error and mean confidence."""
     logits, labels = logits.float().cpu(), labels.cpu()
+    probs = torch.softmax(logits, 1)
     predictions = logits.argmax(1)
     confusion = torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2)
     confusion = confusion.view(NUM_CLASSES, NUM_CLASSES).double()  # rows: true, cols: predicted
@@ -393,7 +464,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         "test_accuracy": (predictions == labels).double().mean().item(),
         "test_macro_precision": precision.mean().item(),
         "test_macro_recall": recall.mean().item(),
-        "test_macro_roc_auc": macro_roc_auc(torch.softmax(logits, 1).numpy(), labels.numpy()),
+        "test_macro_roc_auc": macro_roc_auc(probs.numpy(), labels.numpy()),
+        "test_ece": expected_calibration_error(probs, labels),
+        "test_mean_confidence": probs.max(1).values.mean().item(),
     }
 
 
@@ -403,13 +476,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 class BatchSource:
     """Turns indices into training batches: gather, scale, add pixel noise, normalize."""
 
-    def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device):
+    def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device,
+                 stream: str = "pixel_noise"):
         self.images = images_uint8
         self.pixel_noise = cfg.noise_type in PIXEL_NOISE_TYPES
         self.p = cfg.p
         self.cdf = pixel_intensity_cdf(images_uint8) if cfg.noise_type == "pixel_empirical" else None
         self.quantiles = None if self.cdf is None else grey_level_quantiles(self.cdf)  # built once per run
-        self.generator = make_generator(cfg.seed, "pixel_noise", device)
+        self.generator = make_generator(cfg.seed, stream, device)
         self.mean, self.std = NORMALIZATION[cfg.dataset] if cfg.normalize else (0.0, 1.0)
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -419,31 +493,85 @@ class BatchSource:
         return images.sub_(self.mean).div_(self.std)
 
 
-def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator) -> float:
-    """One pass over the training set in random order; returns the mean training loss."""
+def forward_corrected_loss(logits: torch.Tensor, noisy_labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+    """Forward loss correction (Patrini et al. 2017): the cross-entropy of the noisy labels
+    under softmax(z) T, the model's clean posterior pushed through the noise."""
+    noisy_probs = torch.softmax(logits, 1) @ transition
+    return nn.functional.nll_loss(noisy_probs.clamp_min(1e-12).log(), noisy_labels)
+
+
+def training_loss(cfg: TrainConfig, device: torch.device):
+    """loss(logits, labels) of the run: cross-entropy, or forward-corrected with the run's true T."""
+    if cfg.loss_correction == "forward":
+        transition = transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix).float().to(device)
+        return lambda logits, labels: forward_corrected_loss(logits, labels, transition)
+    if cfg.loss_correction == "none":
+        return nn.functional.cross_entropy
+    raise ValueError(f"unknown loss_correction {cfg.loss_correction!r}; allowed: {LOSS_CORRECTIONS}")
+
+
+def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
+                    indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy) -> float:
+    """One pass over the training examples (`indices`, default all) in random order; returns
+    the mean training loss."""
     model.train()
-    n = len(labels)
+    n = len(labels) if indices is None else len(indices)
     order = torch.randperm(n, generator=order_generator, device=labels.device)
+    if indices is not None:
+        order = indices[order]
     total_loss = torch.zeros((), device=labels.device)
     for start in range(0, n, batch_size):
-        indices = order[start : start + batch_size]
-        loss = nn.functional.cross_entropy(model(source.batch(indices)), labels[indices])
+        batch = order[start : start + batch_size]
+        loss = loss_fn(model(source.batch(batch)), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach() * len(indices)
+        total_loss += loss.detach() * len(batch)
     return total_loss.item() / n
 
 
 def predict_logits(model: nn.Module, images_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Logits for clean images, in large batches without autograd bookkeeping."""
+    return predict_batches(model, lambda i: to_float(images_uint8[i : i + EVAL_BATCH_SIZE]).sub_(mean).div_(std),
+                           len(images_uint8))
+
+
+def predict_batches(model: nn.Module, batch_at, n: int) -> torch.Tensor:
+    """Logits of batch_at(0), batch_at(EVAL_BATCH_SIZE), ... covering n examples."""
     model.eval()
     with torch.inference_mode():
-        chunks = [
-            model(to_float(images_uint8[i : i + EVAL_BATCH_SIZE]).sub_(mean).div_(std))
-            for i in range(0, len(images_uint8), EVAL_BATCH_SIZE)
-        ]
+        chunks = [model(batch_at(i)) for i in range(0, n, EVAL_BATCH_SIZE)]
     return torch.cat(chunks)
+
+
+def predict_noisy_logits(model: nn.Module, source: BatchSource, indices: torch.Tensor) -> torch.Tensor:
+    """Logits for the images `indices` of `source`, with its pixel noise (one draw per call)."""
+    return predict_batches(model, lambda i: source.batch(indices[i : i + EVAL_BATCH_SIZE]), len(indices))
+
+
+def memorisation_metrics(predictions: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    """How much the model follows the noisy labels of the training examples it saw.
+
+    On the corrupted examples (noisy label != true label): the fraction predicted as their noisy
+    label and as their true label; on the others, plain training accuracy. NaN where a subset
+    is empty.
+    """
+    corrupted = noisy != clean
+    fraction = lambda hits: hits.double().mean().item() if len(hits) else math.nan  # noqa: E731
+    return {
+        "memorised_fraction": fraction(predictions[corrupted] == noisy[corrupted]),
+        "corrupted_true_fraction": fraction(predictions[corrupted] == clean[corrupted]),
+        "clean_train_accuracy": fraction(predictions[~corrupted] == clean[~corrupted]),
+    }
+
+
+def split_validation(cfg: TrainConfig, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training indices, held-out validation indices or None), a random split of the run."""
+    order = torch.randperm(n, generator=make_generator(cfg.seed, "validation_split", device), device=device)
+    n_validation = round(cfg.validation_fraction * n)
+    if n_validation == 0:
+        return torch.arange(n, device=device), None
+    return order[n_validation:].sort().values, order[:n_validation].sort().values
 
 
 def select_device(use_cuda: bool) -> torch.device:
@@ -462,8 +590,11 @@ def seed_everything(seed: int) -> None:
 def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     """Train one model on (possibly corrupted) training data and evaluate it on the clean test set.
 
-    Returns a flat dict: every config field, the final metrics, `n_params`, `seconds`, and the
-    per-epoch history as two lists (`history_test_loss`, `history_test_accuracy`).
+    Returns a flat dict: every config field, the final metrics, `n_params`, `seconds`, the
+    per-epoch history as lists (`history_<metric>`) and the final reliability-diagram bins.
+    With a validation split, `selected_*` are the test metrics of the epoch with the lowest
+    loss on the held-out *noisy* validation data (never selected on the test set). For pixel
+    noise, `noisy_test_*` are measured on test images carrying the same noise.
     """
     started = time.perf_counter()
     torch.set_num_threads(max(1, cfg.cpu_threads))
@@ -478,23 +609,52 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     train_labels = clean_labels
     if cfg.noise_type in LABEL_NOISE_TYPES:
         train_labels, _ = corrupt_labels(clean_labels, cfg.p, cfg.noise_type,
-                                         make_generator(cfg.seed, "label_noise", device))
+                                         make_generator(cfg.seed, "label_noise", device),
+                                         noise_matrix=cfg.noise_matrix)
+    train_indices, validation_indices = split_validation(cfg, limit, device)
     source = BatchSource(cfg, train_images, device)
+    memorisation_indices = train_indices[torch.randperm(
+        len(train_indices), generator=make_generator(cfg.seed, "memorisation", device), device=device
+    )[:MEMORISATION_SAMPLE]]
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
     optimizer = build_optimizer(model, cfg)
+    loss_fn = training_loss(cfg, device)
     order_generator = make_generator(cfg.seed, "data_order", device)
 
-    history_loss, history_accuracy = [], []
+    if validation_indices is not None:  # its pixel noise is drawn the same way every epoch
+        validation_source = BatchSource(cfg, train_images, device, "validation_noise")
+    history: dict[str, list[float]] = {}
     for _ in range(cfg.epochs):
-        train_loss = train_one_epoch(model, optimizer, source, train_labels, cfg.batch_size, order_generator)
-        metrics = classification_metrics(predict_logits(model, test_images, source.mean, source.std), test_labels)
-        history_loss.append(metrics["test_loss"])
-        history_accuracy.append(metrics["test_accuracy"])
+        train_loss = train_one_epoch(model, optimizer, source, train_labels, cfg.batch_size,
+                                     order_generator, train_indices, loss_fn)
+        test_logits = predict_logits(model, test_images, source.mean, source.std)
+        epoch = classification_metrics(test_logits, test_labels)
+        if cfg.noise_type in LABEL_NOISE_TYPES:
+            predictions = predict_logits(model, train_images[memorisation_indices], source.mean, source.std).argmax(1)
+            epoch.update(memorisation_metrics(predictions, train_labels[memorisation_indices],
+                                              clean_labels[memorisation_indices]))
+        if validation_indices is not None:
+            validation_source.generator.manual_seed(stream_seed(cfg.seed, "validation_noise"))
+            validation_logits = predict_noisy_logits(model, validation_source, validation_indices)
+            epoch["validation_loss"] = loss_fn(validation_logits, train_labels[validation_indices]).item()
+        for name, value in epoch.items():
+            history.setdefault(name, []).append(value)
 
     result = asdict(cfg)
-    result.update(metrics, train_loss=train_loss, n_params=count_parameters(model),
-                  history_test_loss=history_loss, history_test_accuracy=history_accuracy,
-                  seconds=time.perf_counter() - started)
+    result.update({name: values[-1] for name, values in history.items()})
+    result.update({f"history_{name}": values for name, values in history.items()})
+    result.update(train_loss=train_loss, n_params=count_parameters(model),
+                  reliability=calibration_bins(torch.softmax(test_logits.float().cpu(), 1), test_labels.cpu()))
+    if validation_indices is not None:
+        best = min(range(cfg.epochs), key=history["validation_loss"].__getitem__)
+        result.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
+                      selected_test_loss=history["test_loss"][best])
+    if cfg.noise_type in PIXEL_NOISE_TYPES:
+        noisy_test = BatchSource(cfg, test_images, device, "test_noise")
+        noisy = classification_metrics(predict_noisy_logits(model, noisy_test, torch.arange(len(test_labels), device=device)),
+                                       test_labels)
+        result.update(noisy_test_accuracy=noisy["test_accuracy"], noisy_test_loss=noisy["test_loss"])
+    result["seconds"] = time.perf_counter() - started
     return result

@@ -19,16 +19,25 @@ from scipy import stats
 GROUP_FIELDS = [
     "dataset", "model_type", "activation", "hidden_sizes", "noise_type", "p", "epochs",
     "batch_size", "optimizer", "learning_rate", "weight_decay", "normalize",
-    "max_train_samples", "use_cuda",
+    "max_train_samples", "use_cuda", "noise_matrix", "loss_correction", "validation_fraction",
 ]
+# Fields added after the first results were stored: records without them had the default.
+FIELD_DEFAULTS = {"noise_matrix": None, "loss_correction": "none", "validation_fraction": 0.0}
 RUN_FIELDS = ["run_id", "repeat", "status", "error", "attempts", "finished_at"]
 CONFIG_FIELDS = GROUP_FIELDS + ["seed", "cpu_threads", "data_dir"]
 METRICS = [
     "test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
-    "test_macro_roc_auc", "train_loss", "seconds",
+    "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss",
+    "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy",
+    "selected_epoch", "selected_test_accuracy", "selected_test_loss",
+    "noisy_test_accuracy", "noisy_test_loss", "seconds",
 ]
-HISTORY_METRICS = ["test_loss", "test_accuracy"]
-REQUIRED_KEYS = {"run_id", "repeat", "status", *GROUP_FIELDS}
+HISTORY_METRICS = [
+    "test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
+    "corrupted_true_fraction", "clean_train_accuracy", "validation_loss",
+]
+RELIABILITY_FIELDS = ["count", "confidence", "accuracy"]
+REQUIRED_KEYS = {"run_id", "repeat", "status", *(set(GROUP_FIELDS) - set(FIELD_DEFAULTS))}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -71,11 +80,14 @@ class RunStore:
             except (ValueError, OSError) as exc:
                 warnings.warn(f"skipping unreadable run record {path}: {exc}; the run will be redone")
                 continue
-            records[record["run_id"]] = record
+            records[record["run_id"]] = {**FIELD_DEFAULTS, **record}
         return records
 
 
 # ---------------------------------------------------------------- derived tables
+
+# What identifies a run in the long-form tables (history, reliability).
+RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss_correction"]
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
@@ -88,14 +100,23 @@ def per_run_table(records: list[dict]) -> pd.DataFrame:
 
 def history_table(records: list[dict]) -> pd.DataFrame:
     """Per-epoch clean-test metrics in long form: one row per (run, epoch)."""
-    keys = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p"]
     rows = [
-        {**{k: record[k] for k in keys}, "epoch": epoch + 1,
-         **{m: record[f"history_{m}"][epoch] for m in HISTORY_METRICS}}
+        {**{k: record[k] for k in RUN_KEYS}, "epoch": epoch + 1,
+         **{m: record[f"history_{m}"][epoch] for m in HISTORY_METRICS if f"history_{m}" in record}}
         for record in records if record["status"] == "ok"
         for epoch in range(len(record["history_test_loss"]))
     ]
-    return pd.DataFrame(rows, columns=keys + ["epoch"] + HISTORY_METRICS)
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + HISTORY_METRICS)
+
+
+def reliability_table(records: list[dict]) -> pd.DataFrame:
+    """Reliability-diagram bins of every run's final model on the clean test set, long form."""
+    rows = [
+        {**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in RELIABILITY_FIELDS}}
+        for record in records if record["status"] == "ok" and "reliability" in record
+        for b in range(len(record["reliability"]["count"]))
+    ]
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + RELIABILITY_FIELDS)
 
 
 def describe(values: pd.Series) -> dict[str, float]:
@@ -111,7 +132,9 @@ def describe(values: pd.Series) -> dict[str, float]:
 
 def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the ok runs of each experiment (every GROUP_FIELDS value the same)."""
-    ok = per_run[per_run["status"] == "ok"]
+    missing = {**{k: v for k, v in FIELD_DEFAULTS.items() if k not in per_run},
+               **{m: math.nan for m in METRICS if m not in per_run}}
+    ok = per_run[per_run["status"] == "ok"].assign(**missing)
     rows = []
     # dropna=False: max_train_samples is NaN (= all samples) and must still form a group.
     for group, runs in ok.groupby(GROUP_FIELDS, dropna=False, sort=True):
@@ -131,6 +154,7 @@ def write_csvs(records: list[dict], output_dir: str | Path) -> dict[str, Path]:
         "results_per_run.csv": per_run,
         "results_summary.csv": summary_table(per_run),
         "results_history.csv": history_table(records),
+        "results_reliability.csv": reliability_table(records),
     }
     paths = {}
     for name, table in tables.items():
@@ -140,7 +164,10 @@ def write_csvs(records: list[dict], output_dir: str | Path) -> dict[str, Path]:
 
 
 def csv_value(value):
-    """How a config value is stored in records and CSVs: tuples (hidden_sizes) as '256-128'."""
+    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise
+    matrix as JSON."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return json.dumps([list(row) for row in value])
     if isinstance(value, tuple):
         return "-".join(str(v) for v in value)
     return value

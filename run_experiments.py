@@ -14,6 +14,10 @@ datasets = ["mnist"]                     # mnist | fashion_mnist
 activations = ["relu", "tanh", "sigmoid"]  # relu | tanh | sigmoid | leaky_relu | gelu
 model_types = ["mlp"]                    # mlp | cnn
 noise_types = ["label_uniform", "label_flip", "pixel_uniform", "pixel_empirical"]
+#   also label_pairflip (k -> k+1 mod K) and label_matrix (T = (1-p) I + p * noise_matrix)
+noise_matrix = None                      # K x K row-stochastic M for label_matrix: nested list, JSON, or a .json path
+loss_corrections = ["none"]              # none | forward (Patrini et al.), for label noise; both = paired comparison
+validation_fraction = 0.0                # e.g. 0.1: hold out noisy training data to pick the epoch (early stopping)
 ps = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # noise levels, each in [0, 1]
 extra_label_ps = [0.95, 1.0]             # further p values for the label noise types only
 repeats = 5                              # runs per grid point, seeds shared across p (paired)
@@ -42,6 +46,7 @@ CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,7 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import nnet_models as nm
-from results_store import RunStore, atomic_write_text, csv_value, write_csvs
+from results_store import FIELD_DEFAULTS, RunStore, atomic_write_text, csv_value, write_csvs
 
 EXECUTORS = ("local", "dask")
 CSV_REFRESH_SECONDS = 30  # during a campaign, the CSVs are rewritten at most this often
@@ -89,7 +94,8 @@ def parse_value(text: str, default):
     if isinstance(default, str):  # paths and names stay text, even "123"
         return text
     if isinstance(default, list):
-        return [parse_scalar(item) for item in text.split(",") if item.strip()]
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return items if default and isinstance(default[0], str) else [parse_scalar(i) for i in items]
     return parse_scalar(text)
 
 
@@ -158,6 +164,22 @@ def config_errors(config: dict) -> list[str]:
         if not values:
             errors.append(f"{name} is empty; give at least one of: {', '.join(allowed)}")
         errors += [f"{name}: {v!r} is not one of: {', '.join(allowed)}" for v in values if v not in allowed]
+    if not config["loss_corrections"]:
+        errors.append(f"loss_corrections is empty; give at least one of: {', '.join(nm.LOSS_CORRECTIONS)}")
+    errors += [f"loss_corrections: {v!r} is not one of: {', '.join(nm.LOSS_CORRECTIONS)}"
+               for v in config["loss_corrections"] if v not in nm.LOSS_CORRECTIONS]
+    if "label_matrix" in config["noise_types"]:
+        if config["noise_matrix"] is None:
+            errors.append("noise_types has label_matrix but noise_matrix is None; give a K x K "
+                          "row-stochastic matrix (nested list, JSON text or a .json file)")
+        else:
+            try:
+                parse_noise_matrix(config["noise_matrix"])
+            except (ValueError, OSError) as exc:
+                errors.append(f"noise_matrix: {exc}")
+    fraction = config["validation_fraction"]
+    if not (_is_number(fraction) and 0 <= fraction < 1):
+        errors.append(f"validation_fraction: {fraction!r} is not a number in [0, 1)")
     if config["optimizer"] not in nm.OPTIMIZERS:
         errors.append(f"optimizer: {config['optimizer']!r} is not one of: {', '.join(nm.OPTIMIZERS)}")
     if not config["ps"]:
@@ -230,9 +252,10 @@ def repeat_seed(campaign_seed: int, repeat: int) -> int:
 
 
 def run_key(cfg: nm.TrainConfig) -> str:
-    """A stable id from every field that affects the run's result (threads and paths do not)."""
+    """A stable id from every field that affects the run's result (threads and paths do not).
+    Fields added later are left out at their default, so earlier run ids stay valid."""
     fields = {k: csv_value(v) for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("cpu_threads", "data_dir")}
+              if k not in ("cpu_threads", "data_dir") and not (k in FIELD_DEFAULTS and v == FIELD_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -241,27 +264,44 @@ def ps_for(noise_type: str, config: dict) -> list[float]:
     return sorted({float(p) for p in config["ps"] + extra})
 
 
+def grid_cells(config: dict):
+    """(dataset, model_type, activation, noise_type, loss_correction, p, repeat) of every run;
+    loss corrections vary for the label noise types only (under pixel noise T = I)."""
+    for dataset, model_type, activation, noise_type in itertools.product(
+            config["datasets"], config["model_types"], config["activations"], config["noise_types"]):
+        corrections = config["loss_corrections"] if noise_type in nm.LABEL_NOISE_TYPES else ["none"]
+        for correction, p, repeat in itertools.product(corrections, ps_for(noise_type, config), range(config["repeats"])):
+            yield dataset, model_type, activation, noise_type, correction, p, repeat
+
+
 def build_grid(config: dict) -> list[RunSpec]:
-    """datasets x model_types x activations x noise_types x ps x repeats, as RunSpecs."""
+    """datasets x model_types x activations x noise_types (x loss_corrections) x ps x repeats."""
+    shared = dict(
+        hidden_sizes=tuple(config["hidden_sizes"]), epochs=config["epochs"], batch_size=config["batch_size"],
+        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
+        weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
+        cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
+        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"],
+        validation_fraction=float(config["validation_fraction"]))
     specs = []
-    for dataset in config["datasets"]:
-        for model_type in config["model_types"]:
-            for activation in config["activations"]:
-                for noise_type in config["noise_types"]:
-                    for p in ps_for(noise_type, config):
-                        for repeat in range(config["repeats"]):
-                            cfg = nm.TrainConfig(
-                                dataset=dataset, model_type=model_type, activation=activation,
-                                hidden_sizes=tuple(config["hidden_sizes"]), noise_type=noise_type,
-                                p=p, epochs=config["epochs"], batch_size=config["batch_size"],
-                                optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
-                                weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
-                                seed=repeat_seed(config["seed"], repeat),
-                                cpu_threads=config["cpu_threads_per_worker"],
-                                max_train_samples=config["max_train_samples"],
-                                data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"])
-                            specs.append(RunSpec(run_key(cfg), repeat, cfg))
+    for dataset, model_type, activation, noise_type, correction, p, repeat in grid_cells(config):
+        cfg = nm.TrainConfig(
+            dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
+            loss_correction=correction, seed=repeat_seed(config["seed"], repeat),
+            noise_matrix=parse_noise_matrix(config["noise_matrix"]) if noise_type == "label_matrix" else None,
+            **shared)
+        specs.append(RunSpec(run_key(cfg), repeat, cfg))
     return specs
+
+
+def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
+    """The config's noise_matrix (nested list, JSON text or a JSON file's path) as checked tuples."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = json.loads(Path(value).read_text() if Path(value).is_file() else value)
+    nm.check_noise_matrix(value)
+    return tuple(tuple(float(x) for x in row) for row in value)
 
 
 def resolved_workers(config: dict) -> int:
@@ -490,7 +530,8 @@ def move_aside(output_dir: Path) -> Path | None:
 
 
 def describe_run(record: dict) -> str:
-    head = (f"{record['model_type']}/{record['activation']} {record['noise_type']} "
+    correction = " +forward" if record.get("loss_correction") == "forward" else ""
+    head = (f"{record['model_type']}/{record['activation']} {record['noise_type']}{correction} "
             f"p={record['p']:.2f} r{record['repeat']}")
     if record["status"] != "ok":
         return f"[FAILED] {head}: {record['error']}"

@@ -85,6 +85,9 @@ CLI_SAMPLES = {
     "output_dir": ("/some/out", "/some/out"),
     "executor": ("dask", "dask"),
     "dask_scheduler": ("tcp://10.0.0.1:8786", "tcp://10.0.0.1:8786"),
+    "noise_matrix": ("matrix.json", "matrix.json"),
+    "loss_corrections": ("none,forward", ["none", "forward"]),
+    "validation_fraction": ("0.1", 0.1),
 }
 
 
