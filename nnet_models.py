@@ -477,11 +477,13 @@ class BatchSource:
     """Turns indices into training batches: gather, scale, add pixel noise, normalize."""
 
     def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device,
-                 stream: str = "pixel_noise"):
+                 stream: str = "pixel_noise", cdf: torch.Tensor | None = None):
         self.images = images_uint8
         self.pixel_noise = cfg.noise_type in PIXEL_NOISE_TYPES
         self.p = cfg.p
-        self.cdf = pixel_intensity_cdf(images_uint8) if cfg.noise_type == "pixel_empirical" else None
+        if cfg.noise_type == "pixel_empirical" and cdf is None:
+            cdf = pixel_intensity_cdf(images_uint8)  # the noise looks like these images
+        self.cdf = cdf if cfg.noise_type == "pixel_empirical" else None
         self.quantiles = None if self.cdf is None else grey_level_quantiles(self.cdf)  # built once per run
         self.generator = make_generator(cfg.seed, stream, device)
         self.mean, self.std = NORMALIZATION[cfg.dataset] if cfg.normalize else (0.0, 1.0)
@@ -569,6 +571,8 @@ def split_validation(cfg: TrainConfig, n: int, device: torch.device) -> tuple[to
     """(training indices, held-out validation indices or None), a random split of the run."""
     order = torch.randperm(n, generator=make_generator(cfg.seed, "validation_split", device), device=device)
     n_validation = round(cfg.validation_fraction * n)
+    if n_validation >= n:
+        raise ValueError(f"validation_fraction={cfg.validation_fraction} leaves no training examples out of {n}")
     if n_validation == 0:
         return torch.arange(n, device=device), None
     return order[n_validation:].sort().values, order[:n_validation].sort().values
@@ -652,7 +656,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         result.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
                       selected_test_loss=history["test_loss"][best])
     if cfg.noise_type in PIXEL_NOISE_TYPES:
-        noisy_test = BatchSource(cfg, test_images, device, "test_noise")
+        noisy_test = BatchSource(cfg, test_images, device, "test_noise", cdf=source.cdf)  # the training noise
         noisy = classification_metrics(predict_noisy_logits(model, noisy_test, torch.arange(len(test_labels), device=device)),
                                        test_labels)
         result.update(noisy_test_accuracy=noisy["test_accuracy"], noisy_test_loss=noisy["test_loss"])

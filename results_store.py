@@ -80,7 +80,7 @@ class RunStore:
             except (ValueError, OSError) as exc:
                 warnings.warn(f"skipping unreadable run record {path}: {exc}; the run will be redone")
                 continue
-            records[record["run_id"]] = {**FIELD_DEFAULTS, **record}
+            records[record["run_id"]] = record
         return records
 
 
@@ -149,6 +149,7 @@ def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
 def write_csvs(records: list[dict], output_dir: str | Path) -> dict[str, Path]:
     """(Re)write the per-run, summary and history CSVs from the stored records."""
     output_dir = Path(output_dir)
+    records = [{**FIELD_DEFAULTS, **record} for record in records]  # older records lack newer fields
     per_run = per_run_table(records)
     tables = {
         "results_per_run.csv": per_run,

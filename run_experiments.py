@@ -178,8 +178,8 @@ def config_errors(config: dict) -> list[str]:
             except (ValueError, OSError) as exc:
                 errors.append(f"noise_matrix: {exc}")
     fraction = config["validation_fraction"]
-    if not (_is_number(fraction) and 0 <= fraction < 1):
-        errors.append(f"validation_fraction: {fraction!r} is not a number in [0, 1)")
+    if not (_is_number(fraction) and 0 <= fraction <= 0.5):
+        errors.append(f"validation_fraction: {fraction!r} is not a number in [0, 0.5]")
     if config["optimizer"] not in nm.OPTIMIZERS:
         errors.append(f"optimizer: {config['optimizer']!r} is not one of: {', '.join(nm.OPTIMIZERS)}")
     if not config["ps"]:
@@ -299,7 +299,12 @@ def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = json.loads(Path(value).read_text() if Path(value).is_file() else value)
+        if value.lstrip().startswith("["):
+            value = json.loads(value)
+        elif Path(value).is_file():
+            value = json.loads(Path(value).read_text())
+        else:
+            raise ValueError(f"{value!r} is neither JSON text (a list of rows) nor an existing .json file")
     nm.check_noise_matrix(value)
     return tuple(tuple(float(x) for x in row) for row in value)
 
@@ -582,7 +587,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
           + (f"{given_up} failed for good (out of attempts), " if given_up else "") +
           f"{len(todo)} to run on {where}. Results: {output_dir}/", flush=True)
 
-    progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True)
+    progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not todo)
 
     csvs_written_at = time.monotonic()
 

@@ -21,8 +21,16 @@ import nnet_models as nm
 import results_store as rs
 import run_experiments as rx
 
-METRICS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
-           "test_macro_roc_auc", "train_loss", "seconds"]
+# Final metrics of every ok run (finite whatever the noise type and p)...
+ALWAYS_FINITE = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
+                 "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss", "seconds"]
+# ...and those that exist only for some runs (NaN in the CSVs elsewhere)
+MEMORISATION = ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]  # label noise
+SELECTED = ["selected_epoch", "selected_test_accuracy", "selected_test_loss"]  # validation_fraction > 0
+NOISY_TEST = ["noisy_test_accuracy", "noisy_test_loss"]  # pixel noise
+METRICS = ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST
+# A K x K row-stochastic M for label_matrix: half the mass stays, half goes to the next class.
+HALF_NEXT = [[0.5 if j in (i, (i + 1) % 10) else 0.0 for j in range(10)] for i in range(10)]
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 
@@ -93,6 +101,12 @@ CLI_SAMPLES = {
 
 def test_cli_samples_cover_every_config_name():
     assert set(CLI_SAMPLES) == set(rx.CONFIG_NAMES)
+
+
+def test_stored_metrics_are_the_documented_ones():
+    assert set(rs.METRICS) == set(METRICS)
+    assert set(rs.HISTORY_METRICS) == {"test_loss", "test_accuracy", "test_ece", "test_mean_confidence",
+                                       *MEMORISATION, "validation_loss"}
 
 
 @pytest.mark.parametrize("name", sorted(CLI_SAMPLES))
@@ -169,6 +183,7 @@ def test_string_config_values_stay_strings(mnist_dir, tmp_path, monkeypatch, cap
 
 def grid_config(**overrides) -> dict:
     config = config_of("--smoke")
+    config["noise_matrix"] = HALF_NEXT  # (config block: nested list) used only where label_matrix is in noise_types
     config.update(overrides)
     return config
 
@@ -182,11 +197,16 @@ def grid_config(**overrides) -> dict:
     # extra p values already in ps are not doubled; they never reach the pixel noise types
     dict(activations=["sigmoid"], noise_types=["label_flip", "pixel_uniform"], ps=[0.0, 1.0],
          extra_label_ps=[1.0, 0.95], repeats=4),
+    # loss corrections multiply the label noise cells only (under pixel noise T = I)
+    dict(activations=["relu"], noise_types=list(nm.NOISE_TYPES), loss_corrections=["none", "forward"],
+         ps=[0.0, 0.5], extra_label_ps=[0.9], repeats=2),
+    dict(activations=["relu", "tanh"], noise_types=["label_pairflip", "pixel_empirical"],
+         loss_corrections=["forward"], ps=[0.3], extra_label_ps=[], repeats=1),
 ])
 def test_grid_size(overrides):
     config = grid_config(**overrides)
     specs = rx.build_grid(config)
-    label_ps = len(set(config["ps"]) | set(config["extra_label_ps"]))
+    label_ps = len(set(config["ps"]) | set(config["extra_label_ps"])) * len(config["loss_corrections"])
     pixel_ps = len(set(config["ps"]))
     per_noise = sum(label_ps if n in nm.LABEL_NOISE_TYPES else pixel_ps for n in config["noise_types"])
     expected = (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"])
@@ -196,8 +216,13 @@ def test_grid_size(overrides):
     for spec in specs:
         if spec.config.noise_type in nm.PIXEL_NOISE_TYPES:
             assert spec.config.p in config["ps"]
+            assert spec.config.loss_correction == "none"
         else:
             assert spec.config.p in set(config["ps"]) | set(config["extra_label_ps"])
+            assert spec.config.loss_correction in config["loss_corrections"]
+        # the matrix travels with label_matrix runs only
+        expected_matrix = tuple(map(tuple, HALF_NEXT)) if spec.config.noise_type == "label_matrix" else None
+        assert spec.config.noise_matrix == expected_matrix
 
 
 def test_extra_label_ps_only_for_label_noise():
@@ -207,6 +232,7 @@ def test_extra_label_ps_only_for_label_noise():
     for spec in specs:
         ps.setdefault(spec.config.noise_type, set()).add(spec.config.p)
     assert ps == {"label_uniform": {0.0, 0.5, 0.95}, "label_flip": {0.0, 0.5, 0.95},
+                  "label_pairflip": {0.0, 0.5, 0.95}, "label_matrix": {0.0, 0.5, 0.95},
                   "pixel_uniform": {0.0, 0.5}, "pixel_empirical": {0.0, 0.5}}
 
 
@@ -244,7 +270,10 @@ def test_run_key_ignores_threads_and_paths_but_not_results_fields():
     changed = [dataclasses.replace(base, p=0.4), dataclasses.replace(base, seed=6),
                dataclasses.replace(base, epochs=3), dataclasses.replace(base, max_train_samples=None),
                dataclasses.replace(base, activation="tanh"), dataclasses.replace(base, noise_type="label_flip"),
-               dataclasses.replace(base, hidden_sizes=(64,)), dataclasses.replace(base, learning_rate=0.01)]
+               dataclasses.replace(base, hidden_sizes=(64,)), dataclasses.replace(base, learning_rate=0.01),
+               dataclasses.replace(base, loss_correction="forward"),
+               dataclasses.replace(base, validation_fraction=0.1),
+               dataclasses.replace(base, noise_type="label_matrix", noise_matrix=tuple(map(tuple, HALF_NEXT)))]
     keys = [rx.run_key(c) for c in changed]
     assert key not in keys
     assert len(set(keys)) == len(keys)
@@ -286,7 +315,12 @@ ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
     (["--ps", "nan"], ["ps: nan", "[0, 1]"]),
     (["--activations", "relu,swish"], ["'swish'", ALLOWED_ACTIVATIONS]),
     (["--model_types", "rnn"], ["'rnn'", "mlp, cnn"]),
-    (["--noise_types", "gaussian"], ["'gaussian'", "label_uniform, label_flip, pixel_uniform, pixel_empirical"]),
+    (["--noise_types", "gaussian"], ["'gaussian'", "label_uniform, label_flip, label_pairflip, label_matrix, "
+                                                   "pixel_uniform, pixel_empirical"]),
+    (["--loss_corrections", "backward"], ["loss_corrections: 'backward'", "none, forward"]),
+    (["--loss_corrections", ""], ["loss_corrections is empty", "none, forward"]),
+    (["--validation_fraction", "0.6"], ["validation_fraction: 0.6", "[0, 0.5]"]),
+    (["--validation_fraction", "-0.1"], ["validation_fraction: -0.1", "[0, 0.5]"]),
     (["--datasets", "cifar10"], ["'cifar10'", "mnist, fashion_mnist"]),
     (["--optimizer", "rmsprop"], ["'rmsprop'", "adam, sgd"]),
     (["--repeats", "0"], ["repeats: 0", "integer >= 1"]),
@@ -362,7 +396,7 @@ def test_validate_raises_config_error():
 
 
 def expected_stats(values: pd.Series) -> dict:
-    values = values.astype(float)
+    values = values.astype(float).dropna()  # a metric a run does not have (NaN) is not counted
     n = len(values)
     mean = values.mean()
     if n < 2:
@@ -379,6 +413,8 @@ def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) 
     ok["max_train_samples"] = pd.to_numeric(ok["max_train_samples"]).astype("Float64").fillna(-1).astype(float)
     summary = summary.copy()
     summary["max_train_samples"] = pd.to_numeric(summary["max_train_samples"]).astype("Float64").fillna(-1).astype(float)
+    for table in (ok, summary):  # no noise matrix (every type but label_matrix) is a group too
+        table["noise_matrix"] = table["noise_matrix"].astype(object).where(table["noise_matrix"].notna(), "")
     groups = ok.groupby(rs.GROUP_FIELDS, sort=True)
     assert len(summary) == groups.ngroups
     # one summary row per group: the group keys are unique
@@ -405,12 +441,19 @@ def fake_record(run_id, *, p=0.0, epochs=1, max_train_samples=1000, activation="
               "noise_type": "label_flip", "p": p, "epochs": epochs, "batch_size": 128, "optimizer": "adam",
               "learning_rate": 0.001, "weight_decay": 0.0, "normalize": True,
               "max_train_samples": max_train_samples, "use_cuda": False, "seed": 100 + repeat,
-              "cpu_threads": 1, "data_dir": "data"}
+              "cpu_threads": 1, "data_dir": "data", "noise_matrix": None, "loss_correction": "none",
+              "validation_fraction": 0.0}
     if status == "ok":
         record.update(test_accuracy=accuracy, test_loss=loss, test_macro_precision=accuracy - 0.01,
                       test_macro_recall=accuracy - 0.02, test_macro_roc_auc=0.99, train_loss=loss + 0.1,
+                      test_ece=loss / 10, test_mean_confidence=accuracy + 0.05,
+                      memorised_fraction=p * loss / 4, corrupted_true_fraction=1 - p * loss / 4,
+                      clean_train_accuracy=accuracy + 0.01,
                       seconds=1.0 + repeat, n_params=1000, history_test_loss=[loss] * epochs,
-                      history_test_accuracy=[accuracy] * epochs)
+                      history_test_accuracy=[accuracy] * epochs, history_test_ece=[loss / 10] * epochs,
+                      reliability={"count": [0.0] * 13 + [100.0 * (1 + repeat), 900.0],
+                                   "confidence": [math.nan] * 13 + [0.9, 0.97],
+                                   "accuracy": [math.nan] * 13 + [accuracy, accuracy]})
     return record
 
 
@@ -474,6 +517,15 @@ def test_summary_roundtrips_through_csv(hand_records, tmp_path):
     history = pd.read_csv(paths["results_history.csv"])
     ok = [r for r in hand_records if r["status"] == "ok"]
     assert len(history) == sum(r["epochs"] for r in ok)
+    assert list(history.columns) == rs.RUN_KEYS + ["epoch"] + rs.HISTORY_METRICS
+    assert np.allclose(history["test_ece"], [r["test_loss"] / 10 for r in ok for _ in range(r["epochs"])])
+    assert history["validation_loss"].isna().all()  # no record has it
+    reliability = pd.read_csv(paths["results_reliability.csv"])
+    assert list(reliability.columns) == rs.RUN_KEYS + ["bin", "count", "confidence", "accuracy"]
+    assert len(reliability) == 15 * len(ok)
+    assert (reliability.groupby("run_id")["bin"].apply(list) == [list(range(15))] * len(ok)).all()
+    counts = reliability.groupby("run_id")["count"].sum()
+    assert counts.to_dict() == {r["run_id"]: 1000 + 100 * r["repeat"] for r in ok}
 
 
 # ================================================================ end to end on real MNIST
@@ -510,7 +562,16 @@ def test_smoke_campaign_end_to_end(smoke):
     assert not any(c.startswith("history_") for c in per_run.columns)
     assert (per_run["max_train_samples"] == 2000).all() and (per_run["epochs"] == 1).all()
     assert per_run["test_accuracy"].between(0.3, 1).all()  # 2000 samples, 1 epoch: clearly learned
-    assert np.isfinite(per_run[METRICS]).all().all()
+    assert np.isfinite(per_run[ALWAYS_FINITE]).all().all()
+    label = per_run["noise_type"].isin(nm.LABEL_NOISE_TYPES)
+    assert per_run[SELECTED].isna().all().all()  # no validation split in the smoke campaign
+    assert per_run.loc[label, NOISY_TEST].isna().all().all()
+    assert np.isfinite(per_run.loc[~label, NOISY_TEST]).all().all()
+    assert per_run.loc[~label, MEMORISATION].isna().all().all()
+    assert np.isfinite(per_run.loc[label, "clean_train_accuracy"]).all()
+    corrupted = label & (per_run["p"] > 0)  # p = 0: no corrupted example to memorise
+    assert np.isfinite(per_run.loc[corrupted, MEMORISATION]).all().all()
+    assert per_run.loc[label & (per_run["p"] == 0), ["memorised_fraction", "corrupted_true_fraction"]].isna().all().all()
     by_id = {s.run_id: s for s in specs}
     for row in per_run.itertuples():
         spec = by_id[row.run_id]
@@ -526,6 +587,9 @@ def test_smoke_campaign_end_to_end(smoke):
     history = pd.read_csv(out / "results_history.csv")
     assert len(history) == 32 * config["epochs"]
     assert set(history["epoch"]) == {1}
+    reliability = pd.read_csv(out / "results_reliability.csv")
+    assert len(reliability) == 32 * nm.ECE_BINS
+    assert (reliability.groupby("run_id")["count"].sum() == 10_000).all()  # the whole test set
     merged = history.merge(per_run[["run_id", "test_accuracy", "test_loss"]], on="run_id", suffixes=("", "_final"))
     assert np.allclose(merged["test_accuracy"], merged["test_accuracy_final"])
     assert np.allclose(merged["test_loss"], merged["test_loss_final"])
@@ -620,7 +684,19 @@ def test_a_failing_run_is_recorded_and_the_others_finish(warm, tmp_path, monkeyp
 
 
 METRIC_KEYS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
-               "train_loss", "n_params", "history_test_loss", "history_test_accuracy", "seed", "p"]
+               "train_loss", "n_params", "history_test_loss", "history_test_accuracy", "seed", "p",
+               "test_ece", "test_mean_confidence", "history_test_ece", "reliability"]
+
+
+def same(a, b) -> bool:
+    """Equality of stored values, where NaN equals NaN (empty reliability bins, memorisation at p=0)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
 
 
 def test_same_campaign_twice_gives_identical_metrics(warm, tmp_path):
@@ -631,7 +707,10 @@ def test_same_campaign_twice_gives_identical_metrics(warm, tmp_path):
     a, b = rs.RunStore(first).load(), rs.RunStore(second).load()
     assert len(a) == 8 and set(a) == set(b)
     for run_id in a:
-        assert {k: a[run_id][k] for k in METRIC_KEYS} == {k: b[run_id][k] for k in METRIC_KEYS}, run_id
+        keys = METRIC_KEYS + [k for k in rs.METRICS + [f"history_{m}" for m in rs.HISTORY_METRICS]
+                              if k in a[run_id] and k != "seconds"]
+        assert {"memorised_fraction", "noisy_test_accuracy"} & set(keys)  # the type-specific ones too
+        assert same({k: a[run_id][k] for k in keys}, {k: b[run_id][k] for k in keys}), run_id
     # and the noise matters: p = 0.5 is not the same as p = 0
     accuracies = {(r["noise_type"], r["p"], r["repeat"]): r["test_accuracy"] for r in a.values()}
     assert accuracies[("label_flip", 0.5, 0)] != accuracies[("label_flip", 0.0, 0)]

@@ -18,6 +18,7 @@ from distributed import Client
 import dask_executor
 import nnet_models as nm
 import run_experiments as rx
+from test_models import same  # equality where NaN equals NaN
 
 ROOT = Path(__file__).resolve().parents[1]
 DASK = [sys.executable, "-m", "dask"]  # the venv's `dask` command line
@@ -176,8 +177,8 @@ def test_dask_records_equal_local_ones(cluster, mnist_dir, tmp_path, restore_tor
     for spec in specs:
         local = rx.run_one(spec)
         remote = by_id[spec.run_id]
-        assert {k: v for k, v in remote.items() if k not in VOLATILE} == \
-               {k: v for k, v in local.items() if k not in VOLATILE}, spec
+        assert same({k: v for k, v in remote.items() if k not in VOLATILE},
+                    {k: v for k, v in local.items() if k not in VOLATILE}), spec
     # each worker process decoded MNIST once and kept it for its later runs
     cached = cluster.client.run(eval, "list(__import__('nnet_models')._DATASET_CACHE)")
     assert len(cached) == 2

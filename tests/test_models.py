@@ -1,5 +1,6 @@
 """Models, optimizers, metrics and the train/evaluate loop."""
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -147,7 +148,8 @@ def reference_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 def test_metrics_keys():
     labels = torch.arange(K)
     assert set(classification_metrics(one_hot_logits(labels), labels)) == {
-        "test_loss", "test_accuracy", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc"}
+        "test_loss", "test_accuracy", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
+        "test_ece", "test_mean_confidence"}
 
 
 def test_perfect_predictions():
@@ -159,6 +161,10 @@ def test_perfect_predictions():
     assert m["test_macro_roc_auc"] == 1.0
     # cross-entropy of a 10-vs-0 logit: log(1 + 9 e^-10)
     assert m["test_loss"] == pytest.approx(np.log1p(9 * np.exp(-10)), rel=1e-3)  # float32 loss
+    # every prediction right with confidence 1 / (1 + 9 e^-10): the ECE is the gap to 1
+    confidence = 1 / (1 + 9 * np.exp(-10))
+    assert m["test_mean_confidence"] == pytest.approx(confidence, rel=1e-6)
+    assert m["test_ece"] == pytest.approx(1 - confidence, rel=1e-2)
 
 
 def test_never_predicted_class_counts_as_zero_precision():
@@ -190,6 +196,9 @@ def test_constant_logits_give_auc_one_half():
     m = classification_metrics(torch.zeros(len(labels), K), labels)
     assert m["test_macro_roc_auc"] == pytest.approx(0.5)
     assert m["test_loss"] == pytest.approx(np.log(K), rel=1e-6)
+    # confidence 1/K everywhere; argmax of ties is class 0, right for 1 example in K
+    assert m["test_mean_confidence"] == pytest.approx(1 / K, rel=1e-6)
+    assert m["test_ece"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_reversed_ranking_gives_auc_zero():
@@ -241,20 +250,60 @@ def without_time(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "seconds"}
 
 
-METRIC_KEYS = {"test_loss", "test_accuracy", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc"}
+def same(a, b) -> bool:
+    """Equality of results, where NaN equals NaN (empty reliability bins, memorisation at p=0)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def test_same_helper_is_strict():
+    nan = float("nan")
+    assert same({"a": [nan, 1.0], "b": (1,)}, {"a": [float("nan"), 1.0], "b": (1,)})
+    assert not same({"a": [nan, 1.0]}, {"a": [nan, 1.5]})
+    assert not same({"a": 1.0}, {"a": nan})
+    assert not same({"a": (1,)}, {"a": [1]})
+    assert not same({"a": 1}, {"a": 1, "b": 2})
+
+
+METRIC_KEYS = {"test_loss", "test_accuracy", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
+               "test_ece", "test_mean_confidence"}
+MEMORISATION_KEYS = {"memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"}
+# A K x K row-stochastic M for label_matrix: half the mass stays, half goes to the next class.
+HALF_NEXT = tuple(tuple(0.5 if j in (i, (i + 1) % K) else 0.0 for j in range(K)) for i in range(K))
+
+
+def noise_config(mnist_dir, noise_type: str, **overrides) -> TrainConfig:
+    """tiny_config with this noise type; label_matrix gets a matrix."""
+    matrix = HALF_NEXT if noise_type == "label_matrix" else None
+    return tiny_config(mnist_dir, noise_type=noise_type, noise_matrix=matrix, **overrides)
 
 
 def test_result_keys_and_history_length(mnist_dir, mnist):
     cfg = tiny_config(mnist_dir, epochs=2)
     result = nm.train_and_evaluate(cfg, mnist)
-    expected = {f.name for f in dataclasses.fields(TrainConfig)} | METRIC_KEYS | {
-        "train_loss", "n_params", "history_test_loss", "history_test_accuracy", "seconds"}
+    per_epoch = METRIC_KEYS | MEMORISATION_KEYS  # label noise (the default type): memorisation too
+    expected = {f.name for f in dataclasses.fields(TrainConfig)} | per_epoch | {
+        f"history_{k}" for k in per_epoch} | {"train_loss", "n_params", "reliability", "seconds"}
     assert set(result) == expected
     for field in dataclasses.fields(TrainConfig):
         assert result[field.name] == getattr(cfg, field.name)
+    for key in per_epoch:
+        assert len(result[f"history_{key}"]) == cfg.epochs, key
+        assert same(result[f"history_{key}"][-1], result[key]), key
     assert len(result["history_test_loss"]) == len(result["history_test_accuracy"]) == cfg.epochs
     assert result["history_test_loss"][-1] == result["test_loss"]
     assert result["history_test_accuracy"][-1] == result["test_accuracy"]
+    assert set(result["reliability"]) == {"count", "confidence", "accuracy"}
+    assert sum(result["reliability"]["count"]) == len(mnist.test_labels)
+    # p = 0: nothing is corrupted, so the memorisation fractions on corrupted examples are NaN
+    assert math.isnan(result["memorised_fraction"]) and math.isnan(result["corrupted_true_fraction"])
+    assert 0.0 <= result["clean_train_accuracy"] <= 1.0
+    assert 0.0 <= result["test_ece"] <= 1.0 and 1 / K <= result["test_mean_confidence"] <= 1.0
     assert result["n_params"] == nm.count_parameters(build_model("mlp", "relu", (32,)))
     assert result["seconds"] > 0
     assert np.isfinite(result["train_loss"])
@@ -264,17 +313,19 @@ def test_result_keys_and_history_length(mnist_dir, mnist):
 
 def test_loads_data_from_data_dir_when_not_given(mnist_dir, mnist):
     cfg = tiny_config(mnist_dir)
-    assert without_time(nm.train_and_evaluate(cfg)) == without_time(nm.train_and_evaluate(cfg, mnist))
+    assert same(without_time(nm.train_and_evaluate(cfg)), without_time(nm.train_and_evaluate(cfg, mnist)))
 
 
 @pytest.mark.parametrize("noise_type, p", [("label_uniform", 0.3), ("label_flip", 0.5),
+                                           ("label_pairflip", 0.4), ("label_matrix", 0.5),
                                            ("pixel_uniform", 0.3), ("pixel_empirical", 0.3)])
 def test_same_config_is_deterministic(mnist_dir, mnist, noise_type, p):
-    cfg = tiny_config(mnist_dir, noise_type=noise_type, p=p)
+    cfg = noise_config(mnist_dir, noise_type, p=p)
     first = nm.train_and_evaluate(cfg, mnist)
     nm.train_and_evaluate(tiny_config(mnist_dir, seed=5), mnist)  # unrelated run in between
     second = nm.train_and_evaluate(cfg, mnist)
-    assert without_time(first) == without_time(second)
+    assert same(without_time(first), without_time(second))
+    assert len(without_time(first)) > 30  # the comparison covers the whole result
 
 
 def test_different_seeds_differ(mnist_dir, mnist):
@@ -287,17 +338,32 @@ def test_different_seeds_differ(mnist_dir, mnist):
 def test_noise_changes_the_result(mnist_dir, mnist):
     clean = nm.train_and_evaluate(tiny_config(mnist_dir), mnist)
     for noise_type in nm.NOISE_TYPES:
-        noisy = nm.train_and_evaluate(tiny_config(mnist_dir, noise_type=noise_type, p=0.5), mnist)
+        noisy = nm.train_and_evaluate(noise_config(mnist_dir, noise_type, p=0.5), mnist)
         assert noisy["train_loss"] != clean["train_loss"], noise_type
 
 
 def test_p_zero_is_the_same_run_for_every_noise_type(mnist_dir, mnist):
-    """Common random numbers: at p=0 the noise type must not matter at all."""
-    results = [without_time(nm.train_and_evaluate(tiny_config(mnist_dir, noise_type=t, p=0.0), mnist))
-               for t in nm.NOISE_TYPES]
-    for r in results:
-        r.pop("noise_type")
-    assert all(r == results[0] for r in results[1:])
+    """Common random numbers: at p=0 the noise type must not matter at all.
+
+    Only the type-specific extras differ: memorisation metrics for label noise, the noisy-test
+    metrics for pixel noise (at p=0 the same as the clean test)."""
+    results = {t: without_time(nm.train_and_evaluate(noise_config(mnist_dir, t, p=0.0), mnist))
+               for t in nm.NOISE_TYPES}
+    pixel_extras = {"noisy_test_accuracy", "noisy_test_loss"}
+    label_extras = MEMORISATION_KEYS | {f"history_{k}" for k in MEMORISATION_KEYS}
+    popped = {}
+    for t, r in results.items():
+        assert r.pop("noise_type") == t
+        assert r.pop("noise_matrix") == (HALF_NEXT if t == "label_matrix" else None)
+        extras = label_extras if t in nm.LABEL_NOISE_TYPES else pixel_extras
+        assert extras <= set(r), t
+        if t in nm.PIXEL_NOISE_TYPES:
+            assert r["noisy_test_accuracy"] == r["test_accuracy"] and r["noisy_test_loss"] == r["test_loss"]
+        popped[t] = {key: r.pop(key) for key in extras}
+    first = results[nm.NOISE_TYPES[0]]
+    assert all(same(r, first) for r in results.values())
+    # ...and the label types agree on the memorisation metrics too (computed on the same sample)
+    assert all(same(popped[t], popped[nm.LABEL_NOISE_TYPES[0]]) for t in nm.LABEL_NOISE_TYPES)
 
 
 def _read_from_disk(mnist_dir) -> list[torch.Tensor]:
@@ -316,7 +382,9 @@ def test_test_and_train_tensors_untouched(mnist_dir, mnist):
     for name, old, new in zip(nm.Dataset._fields, before, mnist):
         assert torch.equal(old, new), f"{name} was modified by an earlier run"
     for noise_type in nm.NOISE_TYPES:
-        nm.train_and_evaluate(tiny_config(mnist_dir, noise_type=noise_type, p=0.6), mnist)
+        for correction in ("none", "forward") if noise_type in nm.LABEL_NOISE_TYPES else ("none",):
+            nm.train_and_evaluate(noise_config(mnist_dir, noise_type, p=0.6, loss_correction=correction,
+                                               validation_fraction=0.2), mnist)
     for name, old, new in zip(nm.Dataset._fields, before, mnist):
         assert torch.equal(old, new), f"{name} was modified by a run"
     # the cached dataset is the same object and equally untouched

@@ -22,6 +22,19 @@ def random_labels(n: int, seed: int = 123) -> torch.Tensor:
     return torch.randint(0, K, (n,), generator=gen(seed, "true_labels"))
 
 
+# The label noise types that corrupt exactly round(p*N) examples, with draws that do not depend
+# on p; label_matrix instead draws every example's label from a row of T (tested apart, in
+# test_noise_extensions.py).
+EXACT_COUNT_TYPES = ("label_uniform", "label_flip", "label_pairflip")
+# A K x K row-stochastic M for label_matrix: half the mass stays, half goes to the next class.
+HALF_NEXT = tuple(tuple(0.5 if j in (i, (i + 1) % K) else 0.0 for j in range(K)) for i in range(K))
+
+
+def test_every_label_noise_type_is_covered():
+    assert set(EXACT_COUNT_TYPES) | {"label_matrix"} == set(nm.LABEL_NOISE_TYPES)
+    assert len(nm.LABEL_NOISE_TYPES) == 4
+
+
 @pytest.fixture(scope="module")
 def mnist_train_images(mnist_dir) -> torch.Tensor:
     return nm.load_dataset("mnist", mnist_dir, download=False).train_images
@@ -30,7 +43,7 @@ def mnist_train_images(mnist_dir) -> torch.Tensor:
 # ---------------------------------------------------------------- label noise: counts and masks
 
 
-@pytest.mark.parametrize("noise_type", nm.LABEL_NOISE_TYPES)
+@pytest.mark.parametrize("noise_type", EXACT_COUNT_TYPES)
 @pytest.mark.parametrize("n", [1000, 997, 7])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.333, 0.5, 0.9, 1.0])
 def test_exactly_round_pN_examples_are_corrupted(noise_type, n, p):
@@ -55,10 +68,10 @@ def test_non_integer_pN_uses_round():
 def test_p_zero_returns_labels_unchanged_and_input_is_not_modified(noise_type):
     labels = random_labels(500)
     original = labels.clone()
-    noisy, mask = corrupt_labels(labels, 0.0, noise_type, gen())
+    noisy, mask = corrupt_labels(labels, 0.0, noise_type, gen(), noise_matrix=HALF_NEXT)
     assert torch.equal(noisy, original)
     assert not mask.any()
-    noisy, _ = corrupt_labels(labels, 1.0, noise_type, gen())
+    noisy, _ = corrupt_labels(labels, 1.0, noise_type, gen(), noise_matrix=HALF_NEXT)
     assert torch.equal(labels, original), "corrupt_labels must not modify its input in place"
     assert noisy.data_ptr() != labels.data_ptr()
 
@@ -124,7 +137,7 @@ def test_label_flip_at_p_K_minus_1_over_K_makes_labels_uninformative():
     assert stats.chi2_contingency(table_half).pvalue < 1e-12
 
 
-@pytest.mark.parametrize("noise_type", nm.LABEL_NOISE_TYPES)
+@pytest.mark.parametrize("noise_type", EXACT_COUNT_TYPES)
 def test_corrupted_sets_are_nested_in_p(noise_type):
     labels = random_labels(5_000)
     ps = [0.0, 0.05, 0.2, 0.3, 0.6, 0.9, 1.0]
