@@ -644,17 +644,10 @@ def failing_cell(cfg: nm.TrainConfig) -> bool:
     return cfg.noise_type == "pixel_uniform" and cfg.p == 0.5 and cfg.seed == rx.repeat_seed(0, 1)
 
 
-def test_a_failing_run_is_recorded_and_the_others_finish(warm, tmp_path, monkeypatch):
+def test_a_failing_run_is_recorded_and_the_others_finish(warm, tmp_path, fail_runs):
     assert multiprocessing.get_start_method(allow_none=True) in (None, "fork") and \
         "fork" in multiprocessing.get_all_start_methods()  # the patch reaches the forked workers
-    real = nm.train_and_evaluate
-
-    def sometimes_fails(cfg, data=None):
-        if failing_cell(cfg):
-            raise RuntimeError("injected failure for this one cell")
-        return real(cfg, data)
-
-    monkeypatch.setattr(nm, "train_and_evaluate", sometimes_fails)
+    fail_runs(failing_cell, "injected failure for this one cell")
     out = tmp_path / "out"
     argv = tiny_argv(out, warm)
     code, stdout, _ = run_main(argv)

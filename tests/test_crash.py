@@ -553,17 +553,9 @@ def failing_cell(cfg: nm.TrainConfig) -> bool:
 
 
 @pytest.fixture
-def broken_cell(monkeypatch):
-    """train_and_evaluate raises for one grid cell (forked workers inherit the patch)."""
-    real = nm.train_and_evaluate
-
-    def sometimes_fails(cfg, data=None):
-        if failing_cell(cfg):
-            raise RuntimeError("injected failure")
-        return real(cfg, data)
-
-    monkeypatch.setattr(nm, "train_and_evaluate", sometimes_fails)
-    return lambda: monkeypatch.setattr(nm, "train_and_evaluate", real)  # "fix the bug"
+def broken_cell(fail_runs):
+    """train_and_evaluate raises for one grid cell; calling the fixture's value "fixes the bug"."""
+    return fail_runs(failing_cell)
 
 
 def test_failed_runs_are_retried_until_max_attempts(warm, tmp_path, broken_cell):
