@@ -302,13 +302,6 @@ def corrupt_labels(
     return noisy, mask
 
 
-def sample_from_cdf(cdf: torch.Tensor, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """Grey levels in [0, 1] drawn from a 256-level cumulative distribution (through the
-    lookup table of `grey_level_quantiles`)."""
-    u = torch.rand(shape, generator=generator, device=cdf.device)
-    return lookup_quantiles(grey_level_quantiles(cdf), u)
-
-
 def corrupt_pixels(
     images: torch.Tensor, p: float, generator: torch.Generator, cdf: torch.Tensor | None = None,
 ) -> torch.Tensor:

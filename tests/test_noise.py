@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 import nnet_models as nm
-from nnet_models import corrupt_labels, corrupt_pixels, make_generator, pixel_intensity_cdf, sample_from_cdf
+from nnet_models import corrupt_labels, corrupt_pixels, make_generator, pixel_intensity_cdf
 
 K = nm.NUM_CLASSES
 
@@ -276,6 +276,11 @@ def test_pixel_intensity_cdf_of_mnist_is_a_cdf(mnist_train_images):
     assert torch.all(cdf[1:] >= cdf[:-1])
     assert abs(cdf[-1].item() - 1.0) < 1e-6
     assert 0.75 < cdf[0].item() < 0.85
+
+
+def sample_from_cdf(cdf, shape, generator):
+    """Grey levels drawn from `cdf`: corrupt_pixels at p = 1 replaces every pixel."""
+    return corrupt_pixels(torch.full(shape, -1.0), 1.0, generator, cdf)
 
 
 def test_sample_from_cdf_degenerate_and_two_point_distributions():
