@@ -640,18 +640,30 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
             history.setdefault(name, []).append(value)
 
     result = asdict(cfg)
-    result.update({name: values[-1] for name, values in history.items()})
-    result.update({f"history_{name}": values for name, values in history.items()})
+    result.update(summarise_history(history))
     result.update(train_loss=train_loss, n_params=count_parameters(model),
                   reliability=calibration_bins(torch.softmax(test_logits.float().cpu(), 1), test_labels.cpu()))
-    if validation_indices is not None:
-        best = min(range(cfg.epochs), key=history["validation_loss"].__getitem__)
-        result.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
-                      selected_test_loss=history["test_loss"][best])
     if cfg.noise_type in PIXEL_NOISE_TYPES:
         noisy_test = BatchSource(cfg, test_images, device, "test_noise", cdf=source.cdf)  # the training noise
-        noisy = classification_metrics(predict_noisy_logits(model, noisy_test, torch.arange(len(test_labels), device=device)),
-                                       test_labels)
-        result.update(noisy_test_accuracy=noisy["test_accuracy"], noisy_test_loss=noisy["test_loss"])
+        result.update(noisy_test_metrics(model, noisy_test, test_labels))
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def summarise_history(history: dict[str, list[float]]) -> dict:
+    """Final values, `history_<metric>` lists and, with a validation loss, the test metrics of
+    the epoch where it was lowest (`selected_*`; the test set never chooses)."""
+    summary = {name: values[-1] for name, values in history.items()}
+    summary.update({f"history_{name}": values for name, values in history.items()})
+    if "validation_loss" in history:
+        best = min(range(len(history["validation_loss"])), key=history["validation_loss"].__getitem__)
+        summary.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
+                       selected_test_loss=history["test_loss"][best])
+    return summary
+
+
+def noisy_test_metrics(model: nn.Module, noisy_test: BatchSource, test_labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and cross-entropy on the test images with `noisy_test`'s pixel noise."""
+    indices = torch.arange(len(test_labels), device=test_labels.device)
+    metrics = classification_metrics(predict_noisy_logits(model, noisy_test, indices), test_labels)
+    return {"noisy_test_accuracy": metrics["test_accuracy"], "noisy_test_loss": metrics["test_loss"]}
