@@ -613,6 +613,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     memorisation_indices = train_indices[torch.randperm(
         len(train_indices), generator=make_generator(cfg.seed, "memorisation", device), device=device
     )[:MEMORISATION_SAMPLE]]
+    memorisation_images = train_images[memorisation_indices]  # gathered once, checked every epoch
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
@@ -629,7 +630,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         test_logits = predict_logits(model, test_images, source.mean, source.std)
         epoch = classification_metrics(test_logits, test_labels)
         if cfg.noise_type in LABEL_NOISE_TYPES:
-            predictions = predict_logits(model, train_images[memorisation_indices], source.mean, source.std).argmax(1)
+            predictions = predict_logits(model, memorisation_images, source.mean, source.std).argmax(1)
             epoch.update(memorisation_metrics(predictions, train_labels[memorisation_indices],
                                               clean_labels[memorisation_indices]))
         if validation_indices is not None:
