@@ -283,12 +283,13 @@ def build_grid(config: dict) -> list[RunSpec]:
         cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
         data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"],
         validation_fraction=float(config["validation_fraction"]))
+    matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
     specs = []
     for dataset, model_type, activation, noise_type, correction, p, repeat in grid_cells(config):
         cfg = nm.TrainConfig(
             dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
             loss_correction=correction, seed=repeat_seed(config["seed"], repeat),
-            noise_matrix=parse_noise_matrix(config["noise_matrix"]) if noise_type == "label_matrix" else None,
+            noise_matrix=matrix if noise_type == "label_matrix" else None,
             **shared)
         specs.append(RunSpec(run_key(cfg), repeat, cfg))
     return specs
@@ -667,9 +668,9 @@ def estimate_seconds(specs: list[RunSpec]) -> list[float]:
         kind = (cfg.dataset, cfg.model_type, cfg.hidden_sizes, cfg.batch_size,
                 cfg.noise_type in nm.PIXEL_NOISE_TYPES, cfg.use_cuda)
         if kind not in rates:
-            rates[kind] = calibrate(cfg)
-        samples_per_second, fixed = rates[kind]
-        n_train = min(cfg.max_train_samples or 10**9, len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels))
+            dataset_size = len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels)
+            rates[kind] = (*calibrate(cfg), min(cfg.max_train_samples or dataset_size, dataset_size))
+        samples_per_second, fixed, n_train = rates[kind]
         estimates.append(cfg.epochs * (n_train / samples_per_second + fixed))
     return estimates
 
