@@ -189,7 +189,7 @@ def test_fraction_of_replaced_pixels_is_p(p, kind, mnist_train_images):
 @pytest.mark.parametrize("kind", ["uniform", "empirical"])
 def test_p_zero_leaves_images_unchanged_and_p_one_replaces_all(kind, mnist_train_images):
     cdf = pixel_intensity_cdf(mnist_train_images) if kind == "empirical" else None
-    images = nm.to_float(mnist_train_images[:50])
+    images = mnist_train_images[:50].float() / 255
     assert torch.equal(corrupt_pixels(images, 0.0, gen(11), cdf), images)
     assert (corrupt_pixels(sentinel_images(20), 1.0, gen(11), cdf) != -1.0).all()
 
@@ -210,7 +210,7 @@ def test_fresh_noise_on_every_call(kind, mnist_train_images):
 @pytest.mark.parametrize("kind", ["uniform", "empirical"])
 def test_values_stay_in_unit_interval(kind, mnist_train_images):
     cdf = pixel_intensity_cdf(mnist_train_images) if kind == "empirical" else None
-    images = nm.to_float(mnist_train_images[:200])
+    images = mnist_train_images[:200].float() / 255
     out = corrupt_pixels(images, 0.5, gen(13), cdf)
     assert out.dtype == torch.float32 and out.shape == images.shape
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -332,15 +332,47 @@ def test_stream_seed_values():
 @pytest.mark.parametrize("kind", ["uniform", "empirical"])
 def test_in_place_replacement_matches_corrupt_pixels(kind, mnist_train_images):
     """The training loop replaces pixels in place (`replace_pixels`); it must draw the same noise."""
-    replace_pixels = getattr(nm, "replace_pixels", None)
-    if replace_pixels is None:
-        pytest.skip("nnet_models has no replace_pixels")
     cdf = pixel_intensity_cdf(mnist_train_images) if kind == "empirical" else None
     quantiles = None if cdf is None else nm.grey_level_quantiles(cdf)
-    images = nm.to_float(mnist_train_images[:64])
+    images = mnist_train_images[:64].float() / 255
     expected = corrupt_pixels(images, 0.4, gen(19), cdf)
     work = images.clone()
-    out = replace_pixels(work, 0.4, gen(19), quantiles, in_place=True)
+    out = nm.replace_pixels(work, 0.4, gen(19), quantiles, in_place=True)
     assert out.data_ptr() == work.data_ptr()
     assert torch.equal(out, expected)
     assert not torch.equal(out, images)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "empirical"])
+def test_training_batches_carry_the_noise_of_corrupt_pixels(kind, mnist_train_images):
+    """Batches are noised on the grey-level scale (0-255) and standardized; that must be the
+    same noise as corrupt_pixels on [0, 1] images, from the run's pixel_noise stream."""
+    cfg = nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.4, seed=5)
+    source = nm.BatchSource(cfg, mnist_train_images, torch.device("cpu"))
+    indices = torch.tensor([5, 0, 17, 3, 59_999])
+    cdf = pixel_intensity_cdf(mnist_train_images) if kind == "empirical" else None
+    clean = mnist_train_images[indices].float() / 255
+    expected = corrupt_pixels(clean, 0.4, make_generator(5, "pixel_noise"), cdf)
+    mean, std = nm.NORMALIZATION["mnist"]
+    batch = source.batch(indices)
+    assert torch.allclose(batch, (expected - mean) / std, rtol=0, atol=1e-5)
+    assert not torch.allclose(batch, (clean - mean) / std, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 7, 100_001])
+def test_uniform_floats_have_the_distribution_of_torch_rand(n):
+    """24-bit uniforms on [0, 1), two per 64-bit draw: uniform, on the 2**-24 grid, and the
+    two halves of a draw independent of each other."""
+    u = nm.uniform_floats(torch.Size([n]), gen(21), torch.device("cpu"))
+    assert u.shape == (n,) and u.dtype == torch.float32
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, torch.round(u * 2**24))
+    if n < 1000:
+        return
+    values = u.double().numpy()
+    assert stats.kstest(values, "uniform").pvalue > 1e-4
+    first, second = values[0:-1:2], values[1::2]  # the low and high halves of each 64-bit draw
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.02  # sd ~0.0045
+    counts, _, _ = np.histogram2d(first, second, bins=8, range=[[0, 1], [0, 1]])
+    assert stats.chisquare(counts.ravel()).pvalue > 1e-4
+    assert not torch.equal(u, nm.uniform_floats(torch.Size([n]), gen(22), torch.device("cpu")))
