@@ -23,6 +23,8 @@ It prints, in one run:
       worker), next to a process that only imports torch;
   (e) linearity: wall time of this product for N and 2N runs, their ratio, and the fixed and
       per-run parts of the wall time;
+  (f) with --scaling: marginal throughput at 1, 2, 4, ... workers x 1 thread, up to the number
+      of cores, as a speed-up over 1 worker and a fraction of linear scaling;
   with --accuracy: mean test accuracy (+- stderr, stdev ddof=1) of this product, with
       normalize=false (the original's inputs) and with its defaults, vs the original
       (16 repeats, 10,000 training samples, 2 epochs, pixel_uniform p=0.5), and whether each
@@ -142,11 +144,12 @@ def training_samples(rows: list[dict], epochs: int, max_train: int | None) -> in
 
 
 def product_campaign(data_dir: Path, out_dir: Path, ps: str, repeats: int, epochs: int,
-                     max_train: int | None = None, extra_args: tuple[str, ...] = ()) -> Campaign:
-    """`run_experiments.py` end to end: MLP relu, pixel_uniform, 2 workers x 1 thread."""
+                     max_train: int | None = None, extra_args: tuple[str, ...] = (),
+                     workers: int = WORKERS) -> Campaign:
+    """`run_experiments.py` end to end: MLP relu, pixel_uniform, `workers` workers x 1 thread."""
     command = [PYTHON, "run_experiments.py", "--model_types", "mlp", "--activations", "relu",
                "--noise_types", "pixel_uniform", "--ps", ps, "--repeats", str(repeats),
-               "--epochs", str(epochs), "--max_workers", str(WORKERS), "--cpu_threads_per_worker", "1",
+               "--epochs", str(epochs), "--max_workers", str(workers), "--cpu_threads_per_worker", "1",
                "--data_dir", str(data_dir), "--output_dir", str(out_dir), *extra_args]
     if max_train:
         command += ["--max_train_samples", str(max_train)]
@@ -327,6 +330,30 @@ def accuracy_check(data_dir: Path, tv_root: Path, tmp: Path, repeats: int, epoch
     compare_accuracy("product, defaults (normalize=true)", default, reference)
 
 
+# ---------------------------------------------------------------- scaling with the number of workers
+
+
+def worker_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... up to the number of cores, and the number of cores itself."""
+    counts = [2**i for i in range(cores.bit_length()) if 2**i <= cores]
+    return counts if counts[-1] == cores else [*counts, cores]
+
+
+def scaling(data_dir: Path, tmp: Path, epochs: int) -> None:
+    """Marginal campaign throughput at 1, 2, 4, ... workers x 1 thread: campaigns of 2W and 4W
+    runs (p in {0, 0.5}, W and 2W repeats), so every worker has runs to do in both."""
+    print(f"(f) scaling: marginal throughput (campaigns of 2W and 4W runs, {epochs} epochs, full MNIST), "
+          f"W workers x 1 thread:")
+    one_worker = None
+    for workers in worker_counts(os.cpu_count() or 1):
+        small, large = (product_campaign(data_dir, tmp / f"scaling_{workers}_{repeats}", "0,0.5", repeats,
+                                         epochs, workers=workers) for repeats in (workers, 2 * workers))
+        throughput = marginal_throughput(small, large)
+        one_worker = one_worker or throughput
+        print(f"    {workers:3d} workers: {throughput:10,.0f} training samples/s = {throughput / one_worker:5.2f}x "
+              f"1 worker ({throughput / one_worker / workers:.0%} of linear)")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -349,6 +376,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--accuracy", action="store_true", help="also compare accuracy with the original")
     parser.add_argument("--accuracy_repeats", type=int, default=16)
     parser.add_argument("--skip_reference", action="store_true", help="leave out the original pipeline")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also measure throughput at 1, 2, 4, ... workers, up to the number of cores")
     return parser.parse_args()
 
 
@@ -414,6 +443,8 @@ def main() -> None:
         tiny = product_campaign(args.data_dir, tmp / "product_tiny", "0", 2, 1, max_train=128)
         print_linearity(product, product_2n, tiny)
 
+        if args.scaling:
+            scaling(args.data_dir, tmp, args.epochs)
         if args.accuracy:
             accuracy_check(args.data_dir, tv_root, tmp, args.accuracy_repeats)
     print(f"Load average at end: {os.getloadavg()[0]:.1f}")
