@@ -460,3 +460,14 @@ def test_full_mnist_mlp_one_epoch_reaches_95_percent(mnist_dir, mnist):
     result = nm.train_and_evaluate(cfg, mnist)
     assert result["test_accuracy"] >= 0.95, result
     assert len(result["history_test_accuracy"]) == 1
+
+
+def test_average_ranks_match_scipy_rankdata():
+    """The ROC-AUC's ranks: ties share the mean of their ranks, as in scipy.stats.rankdata."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        values = rng.integers(0, 6, size=rng.integers(1, 40)).astype(np.float32)  # many ties
+        assert np.array_equal(nm.average_ranks(values), rankdata(values))
+    assert np.array_equal(nm.average_ranks(np.array([0.3, 0.1, 0.3, 0.2])), [3.5, 1.0, 3.5, 2.0])
