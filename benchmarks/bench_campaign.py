@@ -1,6 +1,6 @@
 """Benchmark of the campaign runner against the original per-sample DataLoader design.
 
-Run from the repository root (about 4 minutes on 2 cores; --scaling adds about 1 on 2 cores,
+Run from the repository root (about 3 minutes on 2 cores; --scaling adds about 1 there,
 --accuracy about 1.5):
     .venv/bin/python benchmarks/bench_campaign.py [--epochs 2] [--scaling] [--accuracy]
         [--skip_reference] [--data_dir DIR]
