@@ -408,7 +408,8 @@ def print_linearity(small: Campaign, large: Campaign, tiny: Campaign) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    print(f"Load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others share this machine)")
+    print(f"torch {torch.__version__}; load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          f"(others share this machine)")
     with tempfile.TemporaryDirectory(prefix="bench_campaign_") as tmp_name:
         tmp = Path(tmp_name)
         tv_root = torchvision_layout(args.data_dir, tmp / "tv")  # the original reads this layout
