@@ -21,8 +21,9 @@ It prints, in one run:
       per batch of its parts;
   (c) the same for the CNN, with FLOPs = 2 x 3 x forward multiply-adds (counted from the
       layer shapes; the backward pass is counted as twice the forward);
-  (d) peak memory per pool worker of the product (RSS, and USS = pages private to the
-      worker), next to a process that only imports torch;
+  (d) peak memory per pool worker of the product (RSS; PSS, its shared pages divided among
+      the processes sharing them; USS, pages private to the worker), next to a process that
+      only imports torch;
   (e) linearity: wall time of this product for N and 3N runs, their ratio, and the fixed and
       per-run parts of the wall time;
   (f) with --scaling: marginal throughput at 1, 2, 4, ... workers x 1 thread, up to the number
@@ -77,8 +78,7 @@ class Campaign:
     cpu: float  # user + system seconds of the whole process tree
     samples: int
     rows: list[dict]
-    worker_peak_rss: int = 0  # bytes, the largest over the pool workers
-    worker_peak_uss: int = 0
+    worker_peak: dict[str, int]  # "rss", "pss", "uss": bytes, the largest over the pool workers
 
     @property
     def throughput(self) -> float:
@@ -86,14 +86,19 @@ class Campaign:
 
 
 class MemoryWatcher(threading.Thread):
-    """Polls the pool workers of a campaign process (its forked children) for RSS and USS."""
+    """Polls the pool workers of a campaign process (its forked children) for their RSS, PSS
+    (shared pages divided among the processes sharing them) and USS (private pages)."""
+
+    KINDS = ("rss", "pss", "uss")
 
     def __init__(self, pid: int, interval: float = 0.25):
         super().__init__(daemon=True)
         self.process, self.interval = psutil.Process(pid), interval
-        self.rss: dict[int, int] = {}
-        self.uss: dict[int, int] = {}
+        self.peaks: dict[str, dict[int, int]] = {kind: {} for kind in self.KINDS}  # kind -> pid -> bytes
         self.stopped = threading.Event()
+
+    def worker_peak(self) -> dict[str, int]:
+        return {kind: max(peaks.values(), default=0) for kind, peaks in self.peaks.items()}
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -109,8 +114,8 @@ class MemoryWatcher(threading.Thread):
                     memory = child.memory_full_info()
                 except psutil.Error:
                     continue
-                self.rss[child.pid] = max(self.rss.get(child.pid, 0), memory.rss)
-                self.uss[child.pid] = max(self.uss.get(child.pid, 0), memory.uss)
+                for kind, peaks in self.peaks.items():
+                    peaks[child.pid] = max(peaks.get(child.pid, 0), getattr(memory, kind))
 
 
 def children_cpu_seconds() -> float:
@@ -160,8 +165,7 @@ def product_campaign(data_dir: Path, out_dir: Path, ps: str, repeats: int, epoch
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         raise RuntimeError(f"{len(failed)} product runs failed: {failed[0]['error']}")
-    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows,
-                    max(watcher.rss.values(), default=0), max(watcher.uss.values(), default=0))
+    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows, watcher.worker_peak())
 
 
 def torchvision_layout(data_dir: Path, root: Path) -> Path:
@@ -185,8 +189,7 @@ def reference_campaign(tv_root: Path, out_dir: Path, ps: str, repeats: int, epoc
         env["REF_MAX_TRAIN"] = str(max_train)
     wall, cpu, watcher = run_watched([PYTHON, str(REFERENCE)], env=env, cwd=REFERENCE.parent)
     rows = read_csv(out_dir / "results_per_run.csv")
-    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows,
-                    max(watcher.rss.values(), default=0), max(watcher.uss.values(), default=0))
+    return Campaign(wall, cpu, training_samples(rows, epochs, max_train), rows, watcher.worker_peak())
 
 
 def bare_torch_rss() -> int:
@@ -363,6 +366,12 @@ def mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.0f} MiB"
 
 
+def memory(campaign: Campaign) -> str:
+    peak = campaign.worker_peak
+    return (f"RSS {mib(peak['rss'])}, PSS (shared pages split among their sharers) {mib(peak['pss'])}, "
+            f"USS (pages private to it) {mib(peak['uss'])}")
+
+
 def print_core(name: str, result: CoreThroughput, flops_rule: str) -> None:
     parts = ", ".join(f"{k} {v:.0f}" for k, v in result.breakdown_us.items())
     print(f"{name}: {result.samples_per_s:,.0f} samples/s on 1 thread = {result.gflops:.1f} GFLOP/s "
@@ -437,12 +446,10 @@ def main() -> None:
         print_core("    MLP 784-256-128-10, pixel noise", core_throughput("mlp", 30 * 128, 15, data), "6 x parameters")
         print_core("(c) CNN, pixel noise", core_throughput("cnn", 3 * 128, 5, data), "2 x 3 x forward multiply-adds")
 
-        print(f"(d) peak memory per pool worker, this product: RSS {mib(product.worker_peak_rss)}, "
-              f"USS (pages private to it) {mib(product.worker_peak_uss)}; "
+        print(f"(d) peak memory per pool worker, this product: {memory(product_3n)}; "
               f"a process that only imported torch: RSS {mib(bare_torch_rss())}")
         if not args.skip_reference:
-            print(f"    original: largest pool or DataLoader worker: RSS {mib(reference.worker_peak_rss)}, "
-                  f"USS {mib(reference.worker_peak_uss)}")
+            print(f"    original: largest pool or DataLoader worker: {memory(reference_3n)}")
         tiny = product_campaign(args.data_dir, tmp / "product_tiny", "0", 2, 1, max_train=128)
         print_linearity(product, product_3n, tiny)
 
