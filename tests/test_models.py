@@ -45,6 +45,28 @@ def test_default_mlp_and_cnn_parameter_counts():
     assert nm.count_parameters(build_model("cnn", "relu")) == cnn == 421_642
 
 
+def test_cnn_runs_channels_last_and_computes_the_same_function():
+    """The CNN's convolutions run on channels-last (NHWC) tensors, for speed; the layout must
+    not change what it computes, nor its gradients."""
+    torch.manual_seed(0)
+    model = build_model("cnn", "relu")
+    conv = model.features[3]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    nchw = nm.SimpleCNN("relu")
+    nchw.load_state_dict(model.state_dict())
+    assert nchw.features[3].weight.is_contiguous()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(16) % K
+    outputs = []
+    for net in (model, nchw):
+        logits = net(x)
+        nn.functional.cross_entropy(logits, labels).backward()
+        outputs.append((logits.detach(), net.features[3].weight.grad.contiguous()))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
+
+
 def test_hidden_sizes_change_parameter_count():
     assert nm.count_parameters(build_model("mlp", "relu", (64,))) != nm.count_parameters(build_model("mlp", "relu", (128,)))
 
