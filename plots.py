@@ -84,6 +84,7 @@ METRIC_LABELS = {
     "test_macro_roc_auc": "macro ROC-AUC",
     "train_loss": "train loss (noisy labels)",
     "seconds": "seconds per run",
+    "train_seconds": "seconds per run in training passes",
     "test_ece": "test ECE (15 bins)",
     "test_mean_confidence": "mean max-softmax confidence",
     "memorised_fraction": "corrupted: predicts noisy label",
@@ -192,11 +193,13 @@ class Results:
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
     """The CSV, or None if missing/empty; a half-written last line (sweep running) is skipped.
-    Run ids are read as text, so that every file agrees on their type."""
+    Run ids are read as text, so that every file agrees on their type. The frame is
+    consolidated (read_csv gives one block per column; with the summary's 100+ columns, every
+    column added later would warn that the frame is fragmented)."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
-        return pd.read_csv(path, on_bad_lines="skip", dtype={"run_id": str})
+        return pd.read_csv(path, on_bad_lines="skip", dtype={"run_id": str}).copy()
     except pd.errors.EmptyDataError:
         return None
 
@@ -290,13 +293,13 @@ def pool_groups(summary: pd.DataFrame, by, metrics=SUMMARY_METRICS) -> pd.DataFr
     keys = list(by) or ["_all"]
     frame = summary.assign(_all=0)
     grouped = frame.groupby(keys, dropna=False, sort=True)
-    pooled = grouped["n"].sum().to_frame()
+    columns = {"n": grouped["n"].sum()}
     groups = grouped.size()
     for metric in (m for m in metrics if f"{m}_mean" in frame):
-        pooled[f"{metric}_mean"] = grouped[f"{metric}_mean"].mean()
+        columns[f"{metric}_mean"] = grouped[f"{metric}_mean"].mean()
         variance_sum = grouped[f"{metric}_stderr"].apply(lambda se: (se**2).sum(min_count=len(se)))
-        pooled[f"{metric}_stderr"] = np.sqrt(variance_sum) / groups
-    pooled = pooled.reset_index()
+        columns[f"{metric}_stderr"] = np.sqrt(variance_sum) / groups
+    pooled = pd.concat(columns, axis=1).reset_index()  # all at once: no fragmented frame
     return pooled.drop(columns="_all") if not by else pooled
 
 

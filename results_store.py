@@ -30,7 +30,7 @@ METRICS = [
     "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss",
     "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy",
     "selected_epoch", "selected_test_accuracy", "selected_test_loss",
-    "noisy_test_accuracy", "noisy_test_loss", "seconds",
+    "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds",
 ]
 HISTORY_METRICS = [
     "test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",

@@ -23,7 +23,7 @@ import run_experiments as rx
 
 # Final metrics of every ok run (finite whatever the noise type and p)...
 ALWAYS_FINITE = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
-                 "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss", "seconds"]
+                 "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss", "seconds", "train_seconds"]
 # ...and those that exist only for some runs (NaN in the CSVs elsewhere)
 MEMORISATION = ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]  # label noise
 SELECTED = ["selected_epoch", "selected_test_accuracy", "selected_test_loss"]  # validation_fraction > 0
@@ -167,6 +167,30 @@ def test_dry_run_prints_grid_and_writes_nothing(mnist_dir, tmp_path, monkeypatch
     assert "p=0.50" in printed and "seed=" in printed
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # nothing at all in the working directory either
+
+
+def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
+    """One calibration per (model, noise kind, ...); each run's estimate is epochs x (its
+    training samples / the kind's rate + the kind's other seconds per epoch)."""
+    calibrated = []
+    rates = {False: (1000.0, 2.0), True: (500.0, 3.0)}  # label noise, pixel noise
+
+    def fake_calibrate(cfg):
+        calibrated.append(cfg.noise_type)
+        return rates[cfg.noise_type in nm.PIXEL_NOISE_TYPES]
+
+    monkeypatch.setattr(rx, "calibrate", fake_calibrate)
+    specs = rx.build_grid(config_of("--smoke", "--epochs", "3", "--data_dir", str(mnist_dir)))
+    estimates = rx.estimate_seconds(specs)
+    assert sorted(t in nm.PIXEL_NOISE_TYPES for t in calibrated) == [False, True]  # one label, one pixel kind
+    for spec, seconds in zip(specs, estimates):
+        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES]
+        assert seconds == pytest.approx(3 * (2000 / rate + other))
+
+
+def test_calibrate_splits_training_from_the_rest(mnist_dir):
+    rate, other_seconds = rx.calibrate(nm.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform"))
+    assert rate > 0 and other_seconds > 0
 
 
 def test_string_config_values_stay_strings(mnist_dir, tmp_path, monkeypatch, capsys):
@@ -701,7 +725,7 @@ def test_same_campaign_twice_gives_identical_metrics(warm, tmp_path):
     assert len(a) == 8 and set(a) == set(b)
     for run_id in a:
         keys = METRIC_KEYS + [k for k in rs.METRICS + [f"history_{m}" for m in rs.HISTORY_METRICS]
-                              if k in a[run_id] and k != "seconds"]
+                              if k in a[run_id] and k not in ("seconds", "train_seconds")]
         assert {"memorised_fraction", "noisy_test_accuracy"} & set(keys)  # the type-specific ones too
         assert same({k: a[run_id][k] for k in keys}, {k: b[run_id][k] for k in keys}), run_id
     # and the noise matters: p = 0.5 is not the same as p = 0
