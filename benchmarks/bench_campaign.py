@@ -26,8 +26,8 @@ It prints, in one run:
       only imports torch;
   (e) linearity: wall time of this product for N and 3N runs, their ratio, and the fixed and
       per-run parts of the wall time;
-  (f) with --scaling: marginal throughput at 1, 2, 4, ... workers x 1 thread, up to the number
-      of cores, as a speed-up over 1 worker and a fraction of linear scaling;
+  (f) with --scaling: marginal throughput at 1, 2, 4, ... workers x 1 thread, up to the CPUs
+      this process may use, as a speed-up over 1 worker and a fraction of linear scaling;
   with --accuracy: mean test accuracy (+- stderr, stdev ddof=1) of this product, with
       normalize=false (the original's inputs) and with its defaults, vs the original
       (16 repeats, 10,000 training samples, 2 epochs, pixel_uniform p=0.5), and whether each
@@ -59,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import nnet_models as nm  # noqa: E402
+from run_experiments import usable_cpus  # noqa: E402
 
 PYTHON = sys.executable
 REFERENCE = ROOT.parent / "shared" / "bench" / "seed_reference.py"
@@ -350,7 +351,7 @@ def scaling(data_dir: Path, tmp: Path, epochs: int) -> None:
     print(f"(f) scaling: marginal throughput (campaigns of 2W and 4W runs, {epochs} epochs, full MNIST), "
           f"W workers x 1 thread:")
     one_worker = None
-    for workers in worker_counts(os.cpu_count() or 1):
+    for workers in worker_counts(usable_cpus()):  # the CPUs this process may use, as the runner counts them
         small, large = (product_campaign(data_dir, tmp / f"scaling_{workers}_{repeats}", "0,0.5", repeats,
                                          epochs, workers=workers) for repeats in (workers, 2 * workers))
         throughput = marginal_throughput(small, large)
