@@ -579,7 +579,6 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         warn_oversubscription(config)
         for dataset in dict.fromkeys(config["datasets"]):  # decoded once here; forked workers share it
             nm.load_dataset(dataset, config["data_dir"])
-        import torch._dynamo  # noqa: F401  (the optimizers import it on first use: once here, not per worker)
         where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
     else:
         where = f"the Dask cluster at {config['dask_scheduler']}"

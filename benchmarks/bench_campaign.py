@@ -266,7 +266,7 @@ def step_breakdown(model, optimizer, source, labels, batch_size: int, repeats: i
     indices = torch.arange(batch_size)
 
     def forward_backward():
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(images), labels[indices]).backward()
 
     images = source.batch(indices)
@@ -287,7 +287,7 @@ def core_throughput(model_type: str, n_samples: int, rounds: int, data: nm.Datas
     images, labels = data.train_images[:n_samples], data.train_labels[:n_samples]
     source = nm.BatchSource(cfg, images, torch.device("cpu"))
     model = nm.build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
-    optimizer = nm.build_optimizer(model, cfg)
+    optimizer = nm.Optimizer(model, cfg)
     order = nm.make_generator(cfg.seed, "data_order")
     if model_type == "mlp":
         flops = 6 * nm.count_parameters(model)
