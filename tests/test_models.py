@@ -70,6 +70,32 @@ def test_cnn_runs_channels_last_and_computes_the_same_function():
     assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", nm.ACTIVATIONS)
+def test_cnn_pools_before_a_non_decreasing_activation_and_computes_the_textbook_function(activation):
+    """conv -> activation -> max-pool is what the CNN computes; for a non-decreasing activation it
+    pools first (faster), which must give the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = nm.SimpleCNN(activation)
+    kinds = [type(m) for m in model.features]
+    pool_first = activation in nm.NON_DECREASING_ACTIVATIONS
+    assert kinds[1] is (nn.MaxPool2d if pool_first else type(get_activation(activation)))
+    textbook = nm.SimpleCNN(activation)
+    textbook.features = nn.Sequential(
+        model.features[0], get_activation(activation), nn.MaxPool2d(2),
+        model.features[3], get_activation(activation), nn.MaxPool2d(2))
+    textbook.classifier = model.classifier
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 3
+    labels = torch.arange(8) % K
+    results = []
+    for net in (model, textbook):
+        net.zero_grad()
+        logits = net(x)
+        nn.functional.cross_entropy(logits, labels).backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in net.parameters()])
+    for ours, theirs in zip(*results):
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_hidden_sizes_change_parameter_count():
     assert nm.count_parameters(build_model("mlp", "relu", (64,))) != nm.count_parameters(build_model("mlp", "relu", (128,)))
 
