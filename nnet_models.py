@@ -47,7 +47,9 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-EVAL_BATCH_SIZE = 1000
+# The CNN's first activations for 256 images (26 MB) stay below glibc's 32 MB mmap limit, so their memory
+# is reused; at 1,000 every batch maps fresh pages and evaluating the CNN is ~1.6x slower.
+EVAL_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
