@@ -660,7 +660,8 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     torch.set_num_threads(max(1, cfg.cpu_threads))
     # Adam's first moment of a weight whose gradient stays 0 (a dead ReLU unit) decays by 0.9 a
     # step into subnormal floats, which x86 CPUs process many times slower: flush them to zero
-    # (MLP epochs 3-6 measured 4-14% faster with it; the setting is per thread, as is this loop).
+    # (MLP epochs 3-6 measured 4-14% faster with it). Per thread, and inherited by the threads
+    # started after it: in a pool worker, all of torch's.
     torch.set_flush_denormal(True)
     device = select_device(cfg.use_cuda)
     if data is None:
