@@ -395,6 +395,19 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
         child.terminate()
 
 
+def pool_context(threads: int):
+    """How to start the pool's workers. Forked from this process, they share its decoded dataset
+    copy-on-write. But a forked child cannot start OpenMP threads (it hangs) if this process
+    has already run multi-threaded torch ops, as a notebook kernel may have: so workers of
+    several threads are forked from a fresh server process instead, each decoding the data."""
+    methods = multiprocessing.get_all_start_methods()
+    if threads > 1 and "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["nnet_models"])
+        return context
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
 def run_pool(specs: list[RunSpec], workers: int, config: dict, on_done) -> set[str]:
     """Run specs on a fresh process pool, calling on_done(record) for each finished run.
 
@@ -402,7 +415,7 @@ def run_pool(specs: list[RunSpec], workers: int, config: dict, on_done) -> set[s
     the whole pool), or an empty set when every run finished.
     """
     threads = config["cpu_threads_per_worker"]
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    context = pool_context(threads)
     slots = cpu_slots_for(workers, threads) if config["pin_cpus"] else None
     started = context.SimpleQueue()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
@@ -577,7 +590,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     write_metadata(output_dir / "campaign.json", metadata, specs, records)
     if config["executor"] == "local":
         warn_oversubscription(config)
-        for dataset in dict.fromkeys(config["datasets"]):  # decoded once here; forked workers share it
+        for dataset in dict.fromkeys(config["datasets"]):  # fails here if unreadable; forked workers share it
             nm.load_dataset(dataset, config["data_dir"])
         where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
     else:

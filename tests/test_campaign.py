@@ -9,6 +9,8 @@ import math
 import multiprocessing
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -731,3 +733,21 @@ def test_same_campaign_twice_gives_identical_metrics(warm, tmp_path):
     # and the noise matters: p = 0.5 is not the same as p = 0
     accuracies = {(r["noise_type"], r["p"], r["repeat"]): r["test_accuracy"] for r in a.values()}
     assert accuracies[("label_flip", 0.5, 0)] != accuracies[("label_flip", 0.0, 0)]
+
+
+def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_dir, tmp_path):
+    """A worker forked from a process that already ran OpenMP threads hangs on its first
+    multi-threaded op; workers of several threads must start anyway (as from a notebook)."""
+    argv = tiny_argv(tmp_path, mnist_dir, "--cpu_threads_per_worker", "2", "--max_workers", "1", "--repeats", "1")
+    code = (
+        "import sys, torch, run_experiments as rx\n"
+        "torch.set_num_threads(2)\n"
+        "torch.ones(4_000_000).mul(2.0).sum()  # starts this process's OpenMP threads\n"
+        f"sys.exit(rx.main({argv!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(rx.__file__).parent)
+    assert done.returncode == 0, done.stderr
+    records = rs.RunStore(tmp_path).load()
+    assert len(records) == 4 and {r["status"] for r in records.values()} == {"ok"}
+    assert {r["cpu_threads"] for r in records.values()} == {2}
