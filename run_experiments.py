@@ -705,7 +705,8 @@ def print_dry_run(config: dict) -> None:
     print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} CPU-minutes "
           f"({threads} thread(s)); campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) "
           f"on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
-          f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (an upper bound: each worker counts the pages it shares).")
+          f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (upper bounds: each worker counts the pages "
+          f"it shares).")
 
 
 def main(argv: list[str] | None = None) -> int:
