@@ -387,7 +387,8 @@ def conv_block(in_channels: int, out_channels: int, activation: str) -> list[nn.
     """3x3 convolution, activation, 2x2 max-pooling. For a non-decreasing activation f,
     max(f(a), f(b)) = f(max(a, b)): pooling first computes the same function, with f and
     its backward pass on a quarter of the values (CNN training steps ~1.4x faster on CPU)."""
-    conv, act, pool = nn.Conv2d(in_channels, out_channels, 3, padding=1), get_activation(activation), nn.MaxPool2d(2)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    act, pool = get_activation(activation), nn.MaxPool2d(2)
     return [conv, pool, act] if activation in NON_DECREASING_ACTIVATIONS else [conv, act, pool]
 
 
