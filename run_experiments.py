@@ -395,13 +395,14 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
         child.terminate()
 
 
-def pool_context(threads: int):
+def pool_context(threads: int, use_cuda: bool):
     """How to start the pool's workers. Forked from this process, they share its decoded dataset
     copy-on-write. But a forked child cannot start OpenMP threads (it hangs) if this process
-    has already run multi-threaded torch ops, as a notebook kernel may have: so workers of
-    several threads are forked from a fresh server process instead, each decoding the data."""
+    has already run multi-threaded torch ops, as a notebook kernel may have, nor use CUDA once
+    this process has asked torch about the GPU: so workers of several threads, and CUDA
+    workers, are forked from a fresh server process instead, each decoding the data."""
     methods = multiprocessing.get_all_start_methods()
-    if threads > 1 and "forkserver" in methods:
+    if (threads > 1 or use_cuda) and "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["nnet_models"])
         return context
@@ -415,7 +416,7 @@ def run_pool(specs: list[RunSpec], workers: int, config: dict, on_done) -> set[s
     the whole pool), or an empty set when every run finished.
     """
     threads = config["cpu_threads_per_worker"]
-    context = pool_context(threads)
+    context = pool_context(threads, config["use_cuda"])
     slots = cpu_slots_for(workers, threads) if config["pin_cpus"] else None
     started = context.SimpleQueue()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,

@@ -751,3 +751,18 @@ def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_d
     records = rs.RunStore(tmp_path).load()
     assert len(records) == 4 and {r["status"] for r in records.values()} == {"ok"}
     assert {r["cpu_threads"] for r in records.values()} == {2}
+
+
+def test_workers_share_the_dataset_by_fork_unless_threaded_or_on_cuda():
+    assert rx.pool_context(1, use_cuda=False).get_start_method() == "fork"
+    assert rx.pool_context(2, use_cuda=False).get_start_method() == "forkserver"
+    assert rx.pool_context(1, use_cuda=True).get_start_method() == "forkserver"  # CUDA cannot cross a fork
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_campaign_on_cuda(mnist_dir, tmp_path):
+    argv = tiny_argv(tmp_path, mnist_dir, "--use_cuda", "true", "--max_workers", "1")
+    assert run_main(argv)[0] == 0
+    records = rs.RunStore(tmp_path).load()
+    assert len(records) == 8 and {r["status"] for r in records.values()} == {"ok"}, records
+    assert {r["use_cuda"] for r in records.values()} == {True}

@@ -533,6 +533,19 @@ def test_cuda_requested_without_cuda_raises(mnist_dir, mnist):
         nm.train_and_evaluate(tiny_config(mnist_dir, use_cuda=True), mnist)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_type, noise_type", [("mlp", "label_flip"), ("mlp", "pixel_empirical"),
+                                                    ("cnn", "pixel_uniform")])
+def test_cuda_run_learns_as_well_as_the_cpu_run(mnist_dir, mnist, model_type, noise_type):
+    cfg = tiny_config(mnist_dir, model_type=model_type, noise_type=noise_type, p=0.2, max_train_samples=3000,
+                      epochs=2, validation_fraction=0.1, use_cuda=True)
+    on_gpu = nm.train_and_evaluate(cfg, mnist)
+    on_cpu = nm.train_and_evaluate(dataclasses.replace(cfg, use_cuda=False), mnist)
+    assert on_gpu["test_accuracy"] > 0.7
+    assert abs(on_gpu["test_accuracy"] - on_cpu["test_accuracy"]) < 0.05  # other random streams, same learning
+    assert np.isfinite(on_gpu["test_loss"]) and np.isfinite(on_gpu["selected_test_loss"])
+
 @pytest.mark.slow
 def test_full_mnist_mlp_one_epoch_reaches_95_percent(mnist_dir, mnist):
     cfg = TrainConfig(data_dir=str(mnist_dir), model_type="mlp", noise_type="label_uniform", p=0.0,
