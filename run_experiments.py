@@ -703,8 +703,8 @@ def print_dry_run(config: dict) -> None:
     nm.torch.set_num_threads(threads)
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
-    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} CPU-minutes "
-          f"({threads} thread(s)); campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) "
+    unit = "minutes on the GPU" if config["use_cuda"] else f"CPU-minutes ({threads} thread(s))"
+    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} {unit}; campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) "
           f"on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
           f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (upper bounds: each worker counts the pages "
           f"it shares).")
