@@ -704,8 +704,8 @@ def print_dry_run(config: dict) -> None:
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
     unit = "minutes on the GPU" if config["use_cuda"] else f"CPU-minutes ({threads} thread(s))"
-    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} {unit}; campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) "
-          f"on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
+    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} {unit}; "
+          f"campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
           f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (upper bounds: each worker counts the pages "
           f"it shares).")
 
