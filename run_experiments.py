@@ -704,10 +704,11 @@ def print_dry_run(config: dict) -> None:
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
     unit = "minutes on the GPU" if config["use_cuda"] else f"CPU-minutes ({threads} thread(s))"
+    memory_mb = peak_rss_mb()
     print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} {unit}; "
-          f"campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) on {workers} workers; peak memory ~ {peak_rss_mb():.0f} MB per worker, "
-          f"~ {workers * peak_rss_mb() / 1024:.1f} GB in all (upper bounds: each worker counts the pages "
-          f"it shares).")
+          f"campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) on {workers} workers; "
+          f"peak memory ~ {memory_mb:.0f} MB per worker, ~ {workers * memory_mb / 1024:.1f} GB in all "
+          f"(upper bounds: each worker counts the pages it shares).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,6 @@ def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
         assert seconds == pytest.approx(3 * (2000 / rate + other))
 
 
-
 @pytest.mark.parametrize("use_cuda, unit", [(False, "CPU-minutes (1 thread(s))"), (True, "minutes on the GPU")])
 def test_dry_run_estimate_names_its_unit(mnist_dir, monkeypatch, capsys, use_cuda, unit):
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [90.0] * len(specs))
@@ -198,6 +197,7 @@ def test_dry_run_estimate_names_its_unit(mnist_dir, monkeypatch, capsys, use_cud
                                "--max_workers", "1"))
     printed = capsys.readouterr().out  # 32 runs x 90 s on 1 worker
     assert f"Estimated per run: 1.5-1.5 {unit}; campaign wall time ~ 0.8 h (48 min) on 1 workers" in printed
+
 
 def test_calibrate_splits_training_from_the_rest(mnist_dir):
     rate, other_seconds = rx.calibrate(nm.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform"))

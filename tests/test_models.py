@@ -533,7 +533,6 @@ def test_cuda_requested_without_cuda_raises(mnist_dir, mnist):
         nm.train_and_evaluate(tiny_config(mnist_dir, use_cuda=True), mnist)
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("model_type, noise_type", [("mlp", "label_flip"), ("mlp", "pixel_empirical"),
                                                     ("cnn", "pixel_uniform")])
@@ -545,6 +544,7 @@ def test_cuda_run_learns_as_well_as_the_cpu_run(mnist_dir, mnist, model_type, no
     assert on_gpu["test_accuracy"] > 0.7
     assert abs(on_gpu["test_accuracy"] - on_cpu["test_accuracy"]) < 0.05  # other random streams, same learning
     assert np.isfinite(on_gpu["test_loss"]) and np.isfinite(on_gpu["selected_test_loss"])
+
 
 @pytest.mark.slow
 def test_full_mnist_mlp_one_epoch_reaches_95_percent(mnist_dir, mnist):
