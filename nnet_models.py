@@ -10,6 +10,7 @@ per run. There is no per-sample Python and no DataLoader in the training loop.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import math
@@ -35,6 +36,7 @@ PIXEL_NOISE_TYPES = ("pixel_uniform", "pixel_empirical")
 NOISE_TYPES = LABEL_NOISE_TYPES + PIXEL_NOISE_TYPES
 OPTIMIZERS = ("adam", "sgd")
 LOSS_CORRECTIONS = ("none", "forward")
+PRECISIONS = ("float32", "bfloat16")  # of the training passes; weights, Adam and evaluation stay float32
 ECE_BINS = 15
 MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after each epoch
 
@@ -76,6 +78,7 @@ class TrainConfig:
     noise_matrix: tuple[tuple[float, ...], ...] | None = None  # M for label_matrix: T = (1-p) I + p M
     loss_correction: str = "none"      # "forward": train on -log((softmax(z) T)[noisy label])
     validation_fraction: float = 0.0   # > 0: hold out this much noisy training data to pick the epoch
+    precision: str = "float32"         # "bfloat16": mixed-precision training passes (autocast)
 
 
 # ---------------------------------------------------------------- randomness
@@ -566,10 +569,22 @@ def training_loss(cfg: TrainConfig, device: torch.device):
     raise ValueError(f"unknown loss_correction {cfg.loss_correction!r}; allowed: {LOSS_CORRECTIONS}")
 
 
+def training_precision(precision: str, device: torch.device):
+    """Context for the forward passes of training: under "bfloat16", autocast runs matrix
+    products and convolutions in bfloat16 (and their backward passes with them), while the
+    weights, their gradients and the optimizer state stay float32."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; allowed: {PRECISIONS}")
+
+
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
-                    indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy) -> float:
+                    indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy,
+                    precision: str = "float32") -> float:
     """One pass over the training examples (`indices`, default all) in random order; returns
-    the mean training loss."""
+    the mean training loss (computed in float32 from the logits in any precision)."""
     model.train()
     n = len(labels) if indices is None else len(indices)
     order = torch.randperm(n, generator=order_generator, device=labels.device)
@@ -578,7 +593,9 @@ def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, o
     total_loss = torch.zeros((), device=labels.device)
     for start in range(0, n, batch_size):
         batch = order[start : start + batch_size]
-        loss = loss_fn(model(source.batch(batch)), labels[batch])
+        with training_precision(precision, labels.device):
+            logits = model(source.batch(batch))
+        loss = loss_fn(logits.float(), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -697,7 +714,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     for _ in range(cfg.epochs):
         epoch_started = time.perf_counter()
         train_loss = train_one_epoch(model, optimizer, source, train_labels, cfg.batch_size,
-                                     order_generator, train_indices, loss_fn)
+                                     order_generator, train_indices, loss_fn, cfg.precision)
         train_seconds += time.perf_counter() - epoch_started
         test_logits = predict_logits(model, test_images, source.mean, source.std)
         epoch = classification_metrics(test_logits, test_labels)

@@ -20,9 +20,11 @@ GROUP_FIELDS = [
     "dataset", "model_type", "activation", "hidden_sizes", "noise_type", "p", "epochs",
     "batch_size", "optimizer", "learning_rate", "weight_decay", "normalize",
     "max_train_samples", "use_cuda", "noise_matrix", "loss_correction", "validation_fraction",
+    "precision",
 ]
 # Fields added after the first results were stored: records without them had the default.
-FIELD_DEFAULTS = {"noise_matrix": None, "loss_correction": "none", "validation_fraction": 0.0}
+FIELD_DEFAULTS = {"noise_matrix": None, "loss_correction": "none", "validation_fraction": 0.0,
+                  "precision": "float32"}
 RUN_FIELDS = ["run_id", "repeat", "status", "error", "attempts", "finished_at"]
 CONFIG_FIELDS = GROUP_FIELDS + ["seed", "cpu_threads", "data_dir"]
 METRICS = [

@@ -36,6 +36,7 @@ pin_cpus = True                          # pin each worker to its own cores wher
 max_attempts = 3                         # tries per run (worker deaths, failures across resumes)
 retry_failed = True                      # on resume, run failed runs again (up to max_attempts)
 use_cuda = False                         # needs max_workers = 1
+precision = "float32"                    # float32 | bfloat16: mixed-precision training (README, Performance)
 data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files
 output_dir = "results"
 executor = "local"                       # local (process pool on this machine) | dask
@@ -182,6 +183,8 @@ def config_errors(config: dict) -> list[str]:
         errors.append(f"validation_fraction: {fraction!r} is not a number in [0, 0.5]")
     if config["optimizer"] not in nm.OPTIMIZERS:
         errors.append(f"optimizer: {config['optimizer']!r} is not one of: {', '.join(nm.OPTIMIZERS)}")
+    if config["precision"] not in nm.PRECISIONS:
+        errors.append(f"precision: {config['precision']!r} is not one of: {', '.join(nm.PRECISIONS)}")
     if not config["ps"]:
         errors.append("ps is empty; give at least one noise level in [0, 1]")
     for name in ("ps", "extra_label_ps"):
@@ -281,7 +284,7 @@ def build_grid(config: dict) -> list[RunSpec]:
         optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
         weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
         cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
-        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"],
+        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"],
         validation_fraction=float(config["validation_fraction"]))
     matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
     specs = []
@@ -673,7 +676,7 @@ def estimate_seconds(specs: list[RunSpec]) -> list[float]:
     for spec in specs:
         cfg = spec.config
         kind = (cfg.dataset, cfg.model_type, cfg.hidden_sizes, cfg.batch_size,
-                cfg.noise_type in nm.PIXEL_NOISE_TYPES, cfg.use_cuda)
+                cfg.noise_type in nm.PIXEL_NOISE_TYPES, cfg.use_cuda, cfg.precision)
         if kind not in rates:
             dataset_size = len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels)
             rates[kind] = (*calibrate(cfg), min(cfg.max_train_samples or dataset_size, dataset_size))

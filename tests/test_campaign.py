@@ -98,6 +98,7 @@ CLI_SAMPLES = {
     "noise_matrix": ("matrix.json", "matrix.json"),
     "loss_corrections": ("none,forward", ["none", "forward"]),
     "validation_fraction": ("0.1", 0.1),
+    "precision": ("bfloat16", "bfloat16"),
 }
 
 
@@ -308,6 +309,7 @@ def test_run_key_ignores_threads_and_paths_but_not_results_fields():
                dataclasses.replace(base, hidden_sizes=(64,)), dataclasses.replace(base, learning_rate=0.01),
                dataclasses.replace(base, loss_correction="forward"),
                dataclasses.replace(base, validation_fraction=0.1),
+               dataclasses.replace(base, precision="bfloat16"),
                dataclasses.replace(base, noise_type="label_matrix", noise_matrix=tuple(map(tuple, HALF_NEXT)))]
     keys = [rx.run_key(c) for c in changed]
     assert key not in keys
@@ -320,6 +322,13 @@ def test_grid_run_ids_do_not_depend_on_threads_or_data_dir():
     assert ids == [s.run_id for s in rx.build_grid({**config, "cpu_threads_per_worker": 2,
                                                              "data_dir": "/other"})]
     assert ids != [s.run_id for s in rx.build_grid({**config, "epochs": 2})]
+
+
+def test_grid_runs_train_in_the_configured_precision():
+    default, mixed = rx.build_grid(grid_config()), rx.build_grid(grid_config(precision="bfloat16"))
+    assert {s.config.precision for s in default} == {"float32"}
+    assert {s.config.precision for s in mixed} == {"bfloat16"}
+    assert not {s.run_id for s in default} & {s.run_id for s in mixed}  # never resumed as each other
 
 
 # ================================================================ validation
@@ -358,6 +367,7 @@ ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
     (["--validation_fraction", "-0.1"], ["validation_fraction: -0.1", "[0, 0.5]"]),
     (["--datasets", "cifar10"], ["'cifar10'", "mnist, fashion_mnist"]),
     (["--optimizer", "rmsprop"], ["'rmsprop'", "adam, sgd"]),
+    (["--precision", "float16"], ["precision: 'float16'", "float32, bfloat16"]),
     (["--repeats", "0"], ["repeats: 0", "integer >= 1"]),
     (["--epochs", "0"], ["epochs: 0", "integer >= 1"]),
     (["--epochs", "1.5"], ["epochs: 1.5", "integer >= 1"]),
@@ -477,7 +487,7 @@ def fake_record(run_id, *, p=0.0, epochs=1, max_train_samples=1000, activation="
               "learning_rate": 0.001, "weight_decay": 0.0, "normalize": True,
               "max_train_samples": max_train_samples, "use_cuda": False, "seed": 100 + repeat,
               "cpu_threads": 1, "data_dir": "data", "noise_matrix": None, "loss_correction": "none",
-              "validation_fraction": 0.0}
+              "validation_fraction": 0.0, "precision": "float32"}
     if status == "ok":
         record.update(test_accuracy=accuracy, test_loss=loss, test_macro_precision=accuracy - 0.01,
                       test_macro_recall=accuracy - 0.02, test_macro_roc_auc=0.99, train_loss=loss + 0.1,
@@ -592,7 +602,7 @@ def test_smoke_campaign_end_to_end(smoke):
     expected_columns = {"run_id", "repeat", "status", "error", "attempts", "finished_at", "dataset", "model_type",
                         "activation", "hidden_sizes", "noise_type", "p", "epochs", "batch_size", "optimizer",
                         "learning_rate", "weight_decay", "normalize", "max_train_samples", "seed", "n_params",
-                        *METRICS}
+                        "precision", *METRICS}
     assert expected_columns <= set(per_run.columns)
     assert not any(c.startswith("history_") for c in per_run.columns)
     assert (per_run["max_train_samples"] == 2000).all() and (per_run["epochs"] == 1).all()

@@ -546,6 +546,43 @@ def test_cuda_run_learns_as_well_as_the_cpu_run(mnist_dir, mnist, model_type, no
     assert np.isfinite(on_gpu["test_loss"]) and np.isfinite(on_gpu["selected_test_loss"])
 
 
+def test_unknown_precision_raises():
+    with pytest.raises(ValueError) as info:
+        nm.training_precision("float16", torch.device("cpu"))
+    _assert_names_allowed(info, "float16", nm.PRECISIONS)
+
+
+@pytest.mark.parametrize("precision, compute_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_training_passes_compute_in_the_precision_and_keep_float32_state(precision, compute_dtype):
+    """Mixed precision: the layers' outputs in bfloat16, weights, gradients and Adam's moments
+    in float32."""
+    cfg = TrainConfig(noise_type="pixel_uniform", p=0.2, precision=precision)
+    torch.manual_seed(0)
+    model = build_model("mlp", "relu", (16,))
+    seen = []
+    model.net[1].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    optimizer = nm.Optimizer(model, cfg)
+    images, labels = torch.randint(0, 256, (64, 784), dtype=torch.uint8), torch.randint(0, K, (64,))
+    loss = nm.train_one_epoch(model, optimizer, nm.BatchSource(cfg, images, torch.device("cpu")), labels, 16,
+                              torch.Generator().manual_seed(0), precision=precision)
+    assert seen == [compute_dtype] * 4  # one forward pass per batch of 16
+    assert math.isfinite(loss)
+    state = [*model.parameters(), *(p.grad for p in model.parameters()), *optimizer.exp_avgs, *optimizer.exp_avg_sqs]
+    assert {t.dtype for t in state} == {torch.float32}
+
+
+@pytest.mark.parametrize("model_type", ["mlp", "cnn"])
+def test_bfloat16_run_learns_as_well_as_the_float32_run(mnist_dir, mnist, model_type):
+    cfg = tiny_config(mnist_dir, model_type=model_type, noise_type="label_uniform", p=0.2,
+                      max_train_samples=3000, epochs=2)
+    mixed = nm.train_and_evaluate(dataclasses.replace(cfg, precision="bfloat16"), mnist)
+    single = nm.train_and_evaluate(cfg, mnist)
+    assert mixed["precision"] == "bfloat16" and mixed["train_loss"] != single["train_loss"]  # it took effect
+    assert mixed["test_accuracy"] > 0.8
+    assert abs(mixed["test_accuracy"] - single["test_accuracy"]) < 0.03
+    assert abs(mixed["test_loss"] - single["test_loss"]) < 0.1
+
+
 @pytest.mark.slow
 def test_full_mnist_mlp_one_epoch_reaches_95_percent(mnist_dir, mnist):
     cfg = TrainConfig(data_dir=str(mnist_dir), model_type="mlp", noise_type="label_uniform", p=0.0,

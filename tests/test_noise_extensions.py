@@ -26,7 +26,7 @@ import results_store as rs
 import run_experiments as rx
 
 K = nm.NUM_CLASSES
-NEW_FIELDS = ("noise_matrix", "loss_correction", "validation_fraction")
+NEW_FIELDS = ("noise_matrix", "loss_correction", "validation_fraction", "precision")
 
 
 def gen(seed: int = 0, stream: str = "test") -> torch.Generator:
@@ -668,7 +668,7 @@ def test_run_ids_of_old_configs_are_unchanged(cfg, old_id):
     assert rx.run_key(cfg) == old_id
     # explicitly at the defaults is the same config
     assert rx.run_key(dataclasses.replace(cfg, noise_matrix=None, loss_correction="none",
-                                          validation_fraction=0.0)) == old_id
+                                          validation_fraction=0.0, precision="float32")) == old_id
 
 
 def test_new_fields_off_their_default_change_the_run_id():
@@ -677,6 +677,7 @@ def test_new_fields_off_their_default_change_the_run_id():
                 dataclasses.replace(base, loss_correction="forward"),
                 dataclasses.replace(base, validation_fraction=0.1),
                 dataclasses.replace(base, validation_fraction=0.2),
+                dataclasses.replace(base, precision="bfloat16"),
                 dataclasses.replace(base, noise_matrix=None)]
     keys = [rx.run_key(c) for c in variants]
     assert len(set(keys)) == len(keys)
