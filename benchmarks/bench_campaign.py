@@ -1,9 +1,9 @@
 """Benchmark of the campaign runner against the original per-sample DataLoader design.
 
-Run from the repository root (about 3 minutes on 2 cores; --scaling adds about 1 there,
---accuracy about 1.5):
+Run from the repository root (about 3.5 minutes on 2 cores; --scaling adds about 1 there,
+--accuracy about 1.5, --mixed_precision about 7):
     .venv/bin/python benchmarks/bench_campaign.py [--epochs 2] [--scaling] [--accuracy]
-        [--skip_reference] [--data_dir DIR]
+        [--mixed_precision] [--skip_reference] [--data_dir DIR]
 
 It prints, in one run:
   (a) campaign throughput, in training samples/s for the whole machine (runs x epochs x
@@ -20,7 +20,9 @@ It prints, in one run:
       matmul peak measured alongside it with torch.mm (512x784x256, 1 thread), plus the time
       per batch of its parts;
   (c) the same for the CNN, with FLOPs = 2 x 3 x forward multiply-adds (counted from the
-      layer shapes; the backward pass is counted as twice the forward);
+      layer shapes; the backward pass is counted as twice the forward); for the MLP and the CNN
+      with pixel noise also with precision = "bfloat16" (mixed precision), its speed-up over
+      float32 and its rate as a fraction of the same float32 peak;
   (d) peak memory per pool worker of the product (RSS; PSS, its shared pages divided among
       the processes sharing them; USS, pages private to the worker), next to a process that
       only imports torch;
@@ -32,7 +34,10 @@ It prints, in one run:
   with --accuracy: mean test accuracy (+- stderr, stdev ddof=1) of this product, with
       normalize=false (the original's inputs) and with its defaults, vs the original
       (16 repeats, 10,000 training samples, 2 epochs, pixel_uniform p=0.5), and whether each
-      difference is within 2 standard errors.
+      difference is within 2 standard errors;
+  with --mixed_precision: CNN campaigns (pixel_uniform p=0.5, full MNIST, 2 epochs, 12 repeats)
+      in float32 and in bfloat16 with the same seeds: their wall-time ratio and mean test
+      accuracies, unpaired and paired by repeat.
 
 The machine is shared and noisy: in-process timings are the best of several, training and
 the matmul peak are timed in alternation, and ratios are taken within one run of this script.
@@ -261,14 +266,17 @@ class CoreThroughput:
         return self.samples_per_s * self.flops_per_sample / 1e9
 
 
-def step_breakdown(model, optimizer, source, labels, batch_size: int, repeats: int = 30) -> dict[str, float]:
+def step_breakdown(model, optimizer, source, labels, batch_size: int, precision: str,
+                   repeats: int = 30) -> dict[str, float]:
     """Microseconds per batch of: batch assembly (gather + noise + normalize),
     forward + backward, optimizer.step (best of `repeats` batches each)."""
     indices = torch.arange(batch_size)
 
     def forward_backward():
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels[indices]).backward()
+        with nm.training_precision(precision, torch.device("cpu")):
+            logits = model(images)
+        torch.nn.functional.cross_entropy(logits.float(), labels[indices]).backward()
 
     images = source.batch(indices)
     parts = {"batch+noise": lambda: source.batch(indices), "fwd+bwd": forward_backward,
@@ -277,14 +285,14 @@ def step_breakdown(model, optimizer, source, labels, batch_size: int, repeats: i
 
 
 def core_throughput(model_type: str, n_samples: int, rounds: int, data: nm.Dataset,
-                    noise_type: str = "pixel_uniform") -> CoreThroughput:
-    """train_one_epoch (noise_type at p = 0.5) on the first n_samples images, 1 thread,
-    with the product's optimizer.
+                    noise_type: str = "pixel_uniform", precision: str = "float32") -> CoreThroughput:
+    """train_one_epoch (noise_type at p = 0.5, in `precision`) on the first n_samples images,
+    1 thread, with the product's optimizer.
 
     Training and the torch.mm peak are timed in alternation, in short stretches of similar
     length, and the best of `rounds` of each is kept, so both see the same load from others.
     """
-    cfg = nm.TrainConfig(model_type=model_type, noise_type=noise_type, p=0.5, seed=1)
+    cfg = nm.TrainConfig(model_type=model_type, noise_type=noise_type, p=0.5, seed=1, precision=precision)
     images, labels = data.train_images[:n_samples], data.train_labels[:n_samples]
     source = nm.BatchSource(cfg, images, torch.device("cpu"))
     model = nm.build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
@@ -296,7 +304,7 @@ def core_throughput(model_type: str, n_samples: int, rounds: int, data: nm.Datas
         flops = 2 * 3 * forward_macs_per_sample(model)
 
     def train():
-        nm.train_one_epoch(model, optimizer, source, labels, cfg.batch_size, order)
+        nm.train_one_epoch(model, optimizer, source, labels, cfg.batch_size, order, precision=precision)
 
     matmul, matmul_flops = matmul_loop()
     train(), matmul()  # warm up
@@ -304,7 +312,7 @@ def core_throughput(model_type: str, n_samples: int, rounds: int, data: nm.Datas
     for _ in range(rounds):
         train_times.append(seconds(train))
         matmul_times.append(seconds(matmul))
-    breakdown = step_breakdown(model, optimizer, source, labels, cfg.batch_size)
+    breakdown = step_breakdown(model, optimizer, source, labels, cfg.batch_size, precision)
     return CoreThroughput(n_samples / min(train_times), flops, matmul_flops / min(matmul_times) / 1e9, breakdown)
 
 
@@ -315,13 +323,13 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def compare_accuracy(label: str, product: Campaign, reference: Campaign) -> None:
+def compare_accuracy(label: str, product: Campaign, reference: Campaign, reference_name: str = "original") -> None:
     ours = [float(r["test_accuracy"]) for r in product.rows]
     theirs = [float(r["test_accuracy"]) for r in reference.rows]
     (m1, se1), (m2, se2) = mean_and_stderr(ours), mean_and_stderr(theirs)
     diff, se = m1 - m2, math.hypot(se1, se2)
     verdict = "within" if abs(diff) <= 2 * se else "OUTSIDE"
-    print(f"  {label:34s} {m1:.4f} +- {se1:.4f} (n={len(ours)})  vs original {m2:.4f} +- {se2:.4f} "
+    print(f"  {label:34s} {m1:.4f} +- {se1:.4f} (n={len(ours)})  vs {reference_name} {m2:.4f} +- {se2:.4f} "
           f"(n={len(theirs)}): diff {diff:+.4f}, stderr {se:.4f} -> {abs(diff) / se:.2f} stderr, {verdict} 2")
 
 
@@ -335,6 +343,28 @@ def accuracy_check(data_dir: Path, tv_root: Path, tmp: Path, repeats: int, epoch
     default = product_campaign(data_dir, tmp / "acc_default", p, repeats, epochs, max_train)
     compare_accuracy("product, normalize=false (as orig.)", same_inputs, reference)
     compare_accuracy("product, defaults (normalize=true)", default, reference)
+
+
+def paired_accuracy_difference(first: Campaign, second: Campaign) -> tuple[float, float]:
+    """Mean and standard error (ddof=1) of the test-accuracy difference of runs with the same
+    repeat, i.e. the same seeds: initial weights, data order and noise."""
+    by_repeat = {r["repeat"]: float(r["test_accuracy"]) for r in second.rows}
+    return mean_and_stderr([float(r["test_accuracy"]) - by_repeat[r["repeat"]] for r in first.rows])
+
+
+def precision_check(data_dir: Path, tmp: Path, repeats: int, epochs: int = 2, p: str = "0.5") -> None:
+    """CNN campaigns in float32 and in bfloat16 with the same seeds: wall time and accuracy."""
+    print(f"\nMixed precision (CNN relu, pixel_uniform p={p}, full MNIST, {epochs} epochs, {repeats} repeats, "
+          f"{WORKERS} workers x 1 thread; mean +- stderr, stdev with ddof=1):")
+    single, mixed = (product_campaign(data_dir, tmp / f"precision_{precision}", p, repeats, epochs,
+                                      extra_args=("--model_types", "cnn", "--precision", precision))
+                     for precision in ("float32", "bfloat16"))
+    print(f"  campaign wall time: float32 {single.wall:.0f} s, bfloat16 {mixed.wall:.0f} s: "
+          f"{single.wall / mixed.wall:.2f}x the throughput")
+    compare_accuracy("bfloat16", mixed, single, "float32")
+    diff, se = paired_accuracy_difference(mixed, single)
+    print(f"  paired by repeat (same seeds): bfloat16 - float32 = {diff:+.4f} +- {se:.4f} "
+          f"({abs(diff) / se:.2f} stderr)")
 
 
 # ---------------------------------------------------------------- scaling with the number of workers
@@ -397,6 +427,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run in the campaigns of (a) and (e)")
     parser.add_argument("--accuracy", action="store_true", help="also compare accuracy with the original")
     parser.add_argument("--accuracy_repeats", type=int, default=16)
+    parser.add_argument("--mixed_precision", action="store_true",
+                        help="also compare CNN campaigns in float32 and bfloat16 (time, accuracy)")
+    parser.add_argument("--precision_repeats", type=int, default=12)
     parser.add_argument("--skip_reference", action="store_true", help="leave out the original pipeline")
     parser.add_argument("--scaling", action="store_true",
                         help="also measure throughput at 1, 2, 4, ... workers, up to the number of cores")
@@ -454,8 +487,14 @@ def main() -> None:
         data = nm.load_dataset("mnist", args.data_dir)
         print_core("(b) MLP 784-256-128-10, label noise", core_throughput("mlp", 30 * 128, 15, data, "label_flip"),
                    "6 x parameters")
-        print_core("    MLP 784-256-128-10, pixel noise", core_throughput("mlp", 30 * 128, 15, data), "6 x parameters")
-        print_core("(c) CNN, pixel noise", core_throughput("cnn", 3 * 128, 5, data), "2 x 3 x forward multiply-adds")
+        for model_type, name, samples, rounds, flops_rule in (
+                ("mlp", "    MLP 784-256-128-10, pixel noise", 30 * 128, 15, "6 x parameters"),
+                ("cnn", "(c) CNN, pixel noise", 3 * 128, 5, "2 x 3 x forward multiply-adds")):
+            single = core_throughput(model_type, samples, rounds, data)
+            print_core(name, single, flops_rule)
+            mixed = core_throughput(model_type, samples, rounds, data, precision="bfloat16")
+            print_core("    same, precision bfloat16", mixed, flops_rule)
+            print(f"    bfloat16 / float32 training throughput: {mixed.samples_per_s / single.samples_per_s:.2f}x")
 
         print(f"(d) peak memory per pool worker, this product: {memory(product_3n)}; "
               f"a process that only imported torch: RSS {mib(bare_torch_rss())}")
@@ -468,6 +507,8 @@ def main() -> None:
             scaling(args.data_dir, tmp, args.epochs)
         if args.accuracy:
             accuracy_check(args.data_dir, tv_root, tmp, args.accuracy_repeats)
+        if args.mixed_precision:
+            precision_check(args.data_dir, tmp, args.precision_repeats)
     print(f"Load average at end: {os.getloadavg()[0]:.1f}")
 
 
