@@ -534,11 +534,12 @@ def test_cuda_requested_without_cuda_raises(mnist_dir, mnist):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("model_type, noise_type", [("mlp", "label_flip"), ("mlp", "pixel_empirical"),
-                                                    ("cnn", "pixel_uniform")])
-def test_cuda_run_learns_as_well_as_the_cpu_run(mnist_dir, mnist, model_type, noise_type):
+@pytest.mark.parametrize("model_type, noise_type, precision", [
+    ("mlp", "label_flip", "float32"), ("mlp", "pixel_empirical", "float32"), ("cnn", "pixel_uniform", "float32"),
+    ("cnn", "label_uniform", "bfloat16")])
+def test_cuda_run_learns_as_well_as_the_cpu_run(mnist_dir, mnist, model_type, noise_type, precision):
     cfg = tiny_config(mnist_dir, model_type=model_type, noise_type=noise_type, p=0.2, max_train_samples=3000,
-                      epochs=2, validation_fraction=0.1, use_cuda=True)
+                      epochs=2, validation_fraction=0.1, use_cuda=True, precision=precision)
     on_gpu = nm.train_and_evaluate(cfg, mnist)
     on_cpu = nm.train_and_evaluate(dataclasses.replace(cfg, use_cuda=False), mnist)
     assert on_gpu["test_accuracy"] > 0.7
