@@ -570,7 +570,7 @@ def training_loss(cfg: TrainConfig, device: torch.device):
 
 
 def training_precision(precision: str, device: torch.device):
-    """Context for the forward passes of training: under "bfloat16", autocast runs matrix
+    """A reusable context for the forward passes of training: under "bfloat16", autocast runs matrix
     products and convolutions in bfloat16 (and their backward passes with them), while the
     weights, their gradients and the optimizer state stay float32."""
     if precision == "float32":
@@ -578,6 +578,14 @@ def training_precision(precision: str, device: torch.device):
     if precision == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     raise ValueError(f"unknown precision {precision!r}; allowed: {PRECISIONS}")
+
+
+def batch_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn, autocast) -> torch.Tensor:
+    """The training loss of one batch: the forward pass inside `autocast` (a
+    `training_precision` context), the loss in float32 from the logits."""
+    with autocast:
+        logits = model(images)
+    return loss_fn(logits.float(), labels)
 
 
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
@@ -591,11 +599,10 @@ def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, o
     if indices is not None:
         order = indices[order]
     total_loss = torch.zeros((), device=labels.device)
+    autocast = training_precision(precision, labels.device)  # entered once per batch
     for start in range(0, n, batch_size):
         batch = order[start : start + batch_size]
-        with training_precision(precision, labels.device):
-            logits = model(source.batch(batch))
-        loss = loss_fn(logits.float(), labels[batch])
+        loss = batch_loss(model, source.batch(batch), labels[batch], loss_fn, autocast)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -271,12 +271,11 @@ def step_breakdown(model, optimizer, source, labels, batch_size: int, precision:
     """Microseconds per batch of: batch assembly (gather + noise + normalize),
     forward + backward, optimizer.step (best of `repeats` batches each)."""
     indices = torch.arange(batch_size)
+    autocast = nm.training_precision(precision, torch.device("cpu"))
 
     def forward_backward():
         optimizer.zero_grad()
-        with nm.training_precision(precision, torch.device("cpu")):
-            logits = model(images)
-        torch.nn.functional.cross_entropy(logits.float(), labels[indices]).backward()
+        nm.batch_loss(model, images, labels[indices], torch.nn.functional.cross_entropy, autocast).backward()
 
     images = source.batch(indices)
     parts = {"batch+noise": lambda: source.batch(indices), "fwd+bwd": forward_backward,
