@@ -80,6 +80,12 @@ class TrainConfig:
     validation_fraction: float = 0.0   # > 0: hold out this much noisy training data to pick the epoch
     precision: str = "float32"         # "bfloat16": mixed-precision training passes (autocast)
 
+    @property
+    def draws_pixel_noise(self) -> bool:
+        """Whether training batches get pixel noise. At p = 0 none is drawn: replacing no
+        pixels would change nothing, so the result is the same bit for bit, only faster."""
+        return self.noise_type in PIXEL_NOISE_TYPES and self.p > 0
+
 
 # ---------------------------------------------------------------- randomness
 
@@ -535,7 +541,7 @@ class BatchSource:
     def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device,
                  stream: str = "pixel_noise", cdf: torch.Tensor | None = None):
         self.images = images_uint8
-        self.pixel_noise = cfg.noise_type in PIXEL_NOISE_TYPES
+        self.pixel_noise = cfg.draws_pixel_noise
         self.p = cfg.p
         if cfg.noise_type == "pixel_empirical" and cdf is None:
             cdf = pixel_intensity_cdf(images_uint8)  # the noise looks like these images
@@ -547,7 +553,7 @@ class BatchSource:
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         grey_levels = self.images.index_select(0, indices).float()  # index_select: ~30x faster than [] here
-        if self.pixel_noise:  # also at p = 0, so the baseline runs the same code path
+        if self.pixel_noise:
             replace_pixels(grey_levels, self.p, self.generator, self.quantiles, in_place=True, white=255.0)
         return standardize_grey_levels(grey_levels, self.mean, self.std)
 

@@ -670,13 +670,13 @@ def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
 
 
 def estimate_seconds(specs: list[RunSpec]) -> list[float]:
-    """Estimated seconds of each run, calibrating once per kind of run (model, batch, noise kind)."""
+    """Estimated seconds of each run, calibrating once per kind of run (model, batch, pixel noise or not)."""
     rates = {}
     estimates = []
     for spec in specs:
         cfg = spec.config
         kind = (cfg.dataset, cfg.model_type, cfg.hidden_sizes, cfg.batch_size,
-                cfg.noise_type in nm.PIXEL_NOISE_TYPES, cfg.use_cuda, cfg.precision)
+                cfg.draws_pixel_noise, cfg.use_cuda, cfg.precision)
         if kind not in rates:
             dataset_size = len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels)
             rates[kind] = (*calibrate(cfg), min(cfg.max_train_samples or dataset_size, dataset_size))

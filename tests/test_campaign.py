@@ -173,21 +173,23 @@ def test_dry_run_prints_grid_and_writes_nothing(mnist_dir, tmp_path, monkeypatch
 
 
 def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
-    """One calibration per (model, noise kind, ...); each run's estimate is epochs x (its
+    """One calibration per (model, pixel noise drawn or not, ...): pixel-noise runs at p = 0
+    draw no noise and go with the label-noise runs. Each run's estimate is epochs x (its
     training samples / the kind's rate + the kind's other seconds per epoch)."""
     calibrated = []
-    rates = {False: (1000.0, 2.0), True: (500.0, 3.0)}  # label noise, pixel noise
+    rates = {False: (1000.0, 2.0), True: (500.0, 3.0)}  # without, with pixel noise
 
     def fake_calibrate(cfg):
-        calibrated.append(cfg.noise_type)
-        return rates[cfg.noise_type in nm.PIXEL_NOISE_TYPES]
+        calibrated.append(cfg.draws_pixel_noise)
+        return rates[cfg.draws_pixel_noise]
 
     monkeypatch.setattr(rx, "calibrate", fake_calibrate)
     specs = rx.build_grid(config_of("--smoke", "--epochs", "3", "--data_dir", str(mnist_dir)))
+    assert {(s.config.noise_type in nm.PIXEL_NOISE_TYPES, s.config.p) for s in specs} >= {(True, 0.0), (True, 0.5)}
     estimates = rx.estimate_seconds(specs)
-    assert sorted(t in nm.PIXEL_NOISE_TYPES for t in calibrated) == [False, True]  # one label, one pixel kind
+    assert sorted(calibrated) == [False, True]
     for spec, seconds in zip(specs, estimates):
-        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES]
+        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES and spec.config.p > 0]
         assert seconds == pytest.approx(3 * (2000 / rate + other))
 
 

@@ -359,6 +359,22 @@ def test_training_batches_carry_the_noise_of_corrupt_pixels(kind, mnist_train_im
     assert not torch.allclose(batch, (clean - mean) / std, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["uniform", "empirical"])
+def test_training_batches_at_p_zero_are_clean_and_draw_no_noise(kind, mnist_train_images):
+    """At p = 0 no pixel noise is drawn (it would replace nothing): the batches are those of a
+    run without pixel noise, bit for bit, and the pixel-noise stream is left untouched."""
+    noisy = nm.BatchSource(nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.0, seed=5), mnist_train_images,
+                           torch.device("cpu"))
+    clean = nm.BatchSource(nm.TrainConfig(noise_type="label_uniform", p=0.0, seed=5), mnist_train_images,
+                           torch.device("cpu"))
+    state = noisy.generator.get_state()
+    indices = torch.tensor([5, 0, 17, 3, 59_999])
+    assert torch.equal(noisy.batch(indices), clean.batch(indices))
+    assert torch.equal(noisy.generator.get_state(), state)
+    assert nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.01).draws_pixel_noise
+    assert not nm.TrainConfig(noise_type="label_flip", p=0.5).draws_pixel_noise
+
+
 @pytest.mark.parametrize("n", [1, 7, 100_001])
 def test_uniform_floats_have_the_distribution_of_torch_rand(n):
     """24-bit uniforms on [0, 1), two per 64-bit draw: uniform, on the 2**-24 grid, and the
