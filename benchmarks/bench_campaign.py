@@ -26,6 +26,9 @@ It prints, in one run:
   (d) peak memory per pool worker of the product (RSS; PSS, its shared pages divided among
       the processes sharing them; USS, pages private to the worker), next to a process that
       only imports torch;
+  ceiling: the campaign throughput if every worker ran (b)'s training loops without pause
+      (no start-up, evaluation or bookkeeping; runs at p = 0 draw no pixel noise), as a ratio
+      to the original's marginal throughput, and the per-core rate 8x would need;
   (e) linearity: wall time of this product for N and 3N runs, their ratio, and the fixed and
       per-run parts of the wall time;
   (f) with --scaling: at 1, 2, 4, ... workers x 1 thread, up to the CPUs this process may use,
@@ -457,6 +460,20 @@ def print_linearity(small: Campaign, large: Campaign, tiny: Campaign) -> None:
           f"{tiny.wall:.1f} s wall, {tiny.cpu:.1f} CPU s")
 
 
+def print_ceiling(clean: CoreThroughput, pixel: dict[str, CoreThroughput], original: float,
+                  target: float = 8.0) -> None:
+    """What (a)'s campaigns could reach at most: every worker running (b)'s MLP training loops
+    without pause, against the original's marginal throughput. Half of (a)'s runs are at p = 0,
+    which draw no pixel noise and train at the rate of the label-noise loop."""
+    grid = 2 / (1 / clean.samples_per_s + 1 / pixel["float32"].samples_per_s)  # equal samples at each p
+    print(f"ceiling: {WORKERS} workers running (b)'s MLP training loops without pause (no start-up, evaluation "
+          f"or bookkeeping), over the original's marginal {original:,.0f} samples/s:\n"
+          f"    (a)'s grid, p in {{0, 0.5}}: {WORKERS} x {grid:,.0f} = {WORKERS * grid / original:.1f}x; "
+          f"pixel noise at p = 0.5 alone: {WORKERS * pixel['float32'].samples_per_s / original:.1f}x "
+          f"(bfloat16: {WORKERS * pixel['bfloat16'].samples_per_s / original:.1f}x)\n"
+          f"    {target:.0f}x would need {target * original / WORKERS:,.0f} samples/s per core, without pause")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
@@ -484,8 +501,8 @@ def main() -> None:
                   f"campaign adds, i.e. a long campaign): {ours:,.0f} / {theirs:,.0f} samples/s = {ours / theirs:.1f}x")
 
         data = nm.load_dataset("mnist", args.data_dir)
-        print_core("(b) MLP 784-256-128-10, label noise", core_throughput("mlp", 30 * 128, 15, data, "label_flip"),
-                   "6 x parameters")
+        label_mlp = core_throughput("mlp", 30 * 128, 15, data, "label_flip")
+        print_core("(b) MLP 784-256-128-10, label noise", label_mlp, "6 x parameters")
         for model_type, name, samples, rounds, flops_rule in (
                 ("mlp", "    MLP 784-256-128-10, pixel noise", 30 * 128, 15, "6 x parameters"),
                 ("cnn", "(c) CNN, pixel noise", 3 * 128, 5, "2 x 3 x forward multiply-adds")):
@@ -494,11 +511,14 @@ def main() -> None:
             mixed = core_throughput(model_type, samples, rounds, data, precision="bfloat16")
             print_core("    same, precision bfloat16", mixed, flops_rule)
             print(f"    bfloat16 / float32 training throughput: {mixed.samples_per_s / single.samples_per_s:.2f}x")
+            if model_type == "mlp":
+                pixel_mlp = {"float32": single, "bfloat16": mixed}
 
         print(f"(d) peak memory per pool worker, this product: {memory(product_3n)}; "
               f"a process that only imported torch: RSS {mib(bare_torch_rss())}")
         if not args.skip_reference:
             print(f"    original: largest pool or DataLoader worker: {memory(reference_3n)}")
+            print_ceiling(label_mlp, pixel_mlp, marginal_throughput(reference, reference_3n))
         tiny = product_campaign(args.data_dir, tmp / "product_tiny", "0", 2, 1, max_train=128)
         print_linearity(product, product_3n, tiny)
 
