@@ -746,9 +746,11 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     result.update(summarise_history(history))
     result.update(train_loss=train_loss, n_params=count_parameters(model),
                   reliability=calibration_bins(torch.softmax(test_logits.float().cpu(), 1), test_labels.cpu()))
-    if cfg.noise_type in PIXEL_NOISE_TYPES:
+    if cfg.draws_pixel_noise:
         noisy_test = BatchSource(cfg, test_images, device, "test_noise", cdf=source.cdf)  # the training noise
         result.update(noisy_test_metrics(model, noisy_test, test_labels))
+    elif cfg.noise_type in PIXEL_NOISE_TYPES:  # at p = 0 the noisy test set is the clean one
+        result.update(noisy_test_accuracy=result["test_accuracy"], noisy_test_loss=result["test_loss"])
     result.update(seconds=time.perf_counter() - started, train_seconds=train_seconds)
     return result
 

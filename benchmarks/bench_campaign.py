@@ -450,6 +450,17 @@ def marginal_throughput(small: Campaign, large: Campaign) -> float:
     return (large.samples - small.samples) / (large.wall - small.wall)
 
 
+def pixel_noise_core_throughputs(model_type: str, name: str, samples: int, rounds: int, data: nm.Dataset,
+                                 flops_rule: str) -> dict[str, CoreThroughput]:
+    """core_throughput with pixel noise in float32 and in bfloat16, printed with their ratio."""
+    single = core_throughput(model_type, samples, rounds, data)
+    print_core(name, single, flops_rule)
+    mixed = core_throughput(model_type, samples, rounds, data, precision="bfloat16")
+    print_core("    same, precision bfloat16", mixed, flops_rule)
+    print(f"    bfloat16 / float32 training throughput: {mixed.samples_per_s / single.samples_per_s:.2f}x")
+    return {"float32": single, "bfloat16": mixed}
+
+
 def print_linearity(small: Campaign, large: Campaign, tiny: Campaign) -> None:
     runs, more = len(small.rows), len(large.rows)
     per_run = (large.wall - small.wall) / (more - runs)
@@ -496,29 +507,24 @@ def main() -> None:
             print(f"    ratio product / original, {len(product_3n.rows)}-run campaign: throughput "
                   f"{product_3n.throughput / reference_3n.throughput:.1f}x, samples per CPU second "
                   f"{product_3n.samples / product_3n.cpu / (reference_3n.samples / reference_3n.cpu):.1f}x")
-            ours, theirs = marginal_throughput(product, product_3n), marginal_throughput(reference, reference_3n)
+            ours = marginal_throughput(product, product_3n)
+            original_marginal = marginal_throughput(reference, reference_3n)
             print(f"    ratio of marginal throughput (the {len(product_3n.rows) - len(product.rows)} runs the larger "
-                  f"campaign adds, i.e. a long campaign): {ours:,.0f} / {theirs:,.0f} samples/s = {ours / theirs:.1f}x")
+                  f"campaign adds, i.e. a long campaign): {ours:,.0f} / {original_marginal:,.0f} samples/s = "
+                  f"{ours / original_marginal:.1f}x")
 
         data = nm.load_dataset("mnist", args.data_dir)
         label_mlp = core_throughput("mlp", 30 * 128, 15, data, "label_flip")
         print_core("(b) MLP 784-256-128-10, label noise", label_mlp, "6 x parameters")
-        for model_type, name, samples, rounds, flops_rule in (
-                ("mlp", "    MLP 784-256-128-10, pixel noise", 30 * 128, 15, "6 x parameters"),
-                ("cnn", "(c) CNN, pixel noise", 3 * 128, 5, "2 x 3 x forward multiply-adds")):
-            single = core_throughput(model_type, samples, rounds, data)
-            print_core(name, single, flops_rule)
-            mixed = core_throughput(model_type, samples, rounds, data, precision="bfloat16")
-            print_core("    same, precision bfloat16", mixed, flops_rule)
-            print(f"    bfloat16 / float32 training throughput: {mixed.samples_per_s / single.samples_per_s:.2f}x")
-            if model_type == "mlp":
-                pixel_mlp = {"float32": single, "bfloat16": mixed}
+        pixel_mlp = pixel_noise_core_throughputs("mlp", "    MLP 784-256-128-10, pixel noise", 30 * 128, 15, data,
+                                                 "6 x parameters")
+        pixel_noise_core_throughputs("cnn", "(c) CNN, pixel noise", 3 * 128, 5, data, "2 x 3 x forward multiply-adds")
 
         print(f"(d) peak memory per pool worker, this product: {memory(product_3n)}; "
               f"a process that only imported torch: RSS {mib(bare_torch_rss())}")
         if not args.skip_reference:
             print(f"    original: largest pool or DataLoader worker: {memory(reference_3n)}")
-            print_ceiling(label_mlp, pixel_mlp, marginal_throughput(reference, reference_3n))
+            print_ceiling(label_mlp, pixel_mlp, original_marginal)
         tiny = product_campaign(args.data_dir, tmp / "product_tiny", "0", 2, 1, max_train=128)
         print_linearity(product, product_3n, tiny)
 
