@@ -1,7 +1,10 @@
-"""IDX decoding and dataset discovery (flat folder, torchvision layout, gzipped or plain)."""
+"""IDX decoding, dataset discovery (flat folder, torchvision layout, gzipped or plain), the
+download fallback and the error when the data is missing."""
 import gzip
 import shutil
 import socket
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ def fresh_cache(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(mnist_dir) -> nm.Dataset:
+    """MNIST decoded straight from the files, without load_dataset."""
     arrays = {name: nm.read_idx(mnist_dir / f) for name, f in nm.IDX_FILES.items()}
     return nm.Dataset(
         torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
@@ -212,23 +216,64 @@ def _online() -> bool:
         return False
 
 
-def test_failing_download_raises_data_not_found(tmp_path, monkeypatch):
-    def broken_download(dataset, data_dir):
-        raise ConnectionError("no network here")
+def fake_torchvision(monkeypatch, on_construct) -> list:
+    """Put a stand-in for torchvision into sys.modules whose dataset classes call
+    on_construct(class name, root, train); returns the list of the constructions."""
+    calls = []
 
-    monkeypatch.setattr(nm, "_download_with_torchvision", broken_download)
+    def dataset_class(name):
+        def construct(root, train, download=False):
+            calls.append((name, root, train, download))
+            on_construct(name, root, train)
+        return construct
+
+    datasets = types.SimpleNamespace(**{name: dataset_class(name) for name in nm.TORCHVISION_NAMES.values()})
+    module = types.ModuleType("torchvision")
+    module.datasets = datasets
+    monkeypatch.setitem(sys.modules, "torchvision", module)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    return calls
+
+
+def test_failing_download_raises_data_not_found(tmp_path, monkeypatch):
+    def broken_download(name, root, train):
+        raise ConnectionError("no   network\nhere")
+
+    fake_torchvision(monkeypatch, broken_download)
     with pytest.raises(nm.DataNotFoundError) as info:
         nm.load_dataset("mnist", tmp_path, download=True)
     _assert_helpful_message(info.value, tmp_path)
-    assert "ConnectionError" in str(info.value) and "no network here" in str(info.value)
+    assert "download failed: ConnectionError: no network here" in str(info.value)  # on one line
 
 
-def test_successful_download_is_used(tmp_path, mnist_dir, reference, monkeypatch):
-    def fake_download(dataset, data_dir):
-        _link_files(mnist_dir, Path(data_dir) / nm.TORCHVISION_NAMES[dataset] / "raw")
+def test_download_without_torchvision_raises_data_not_found(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    with pytest.raises(nm.DataNotFoundError) as info:
+        nm.load_dataset("mnist", tmp_path, download=True)
+    _assert_helpful_message(info.value, tmp_path)
+    assert "download failed" in str(info.value) and "Error" in str(info.value)
 
-    monkeypatch.setattr(nm, "_download_with_torchvision", fake_download)
-    assert_same_dataset(nm.load_dataset("mnist", tmp_path, download=True), reference)
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_successful_download_is_used(tmp_path, mnist_dir, reference, monkeypatch, dataset):
+    """torchvision's class of the dataset downloads both splits into data_dir/<Name>/raw.
+    (MNIST's files stand in for Fashion-MNIST's, which have the same names and format.)"""
+    def fake_download(name, root, train):
+        if train:
+            _link_files(mnist_dir, Path(root) / name / "raw")
+
+    calls = fake_torchvision(monkeypatch, fake_download)
+    assert_same_dataset(nm.load_dataset(dataset, tmp_path, download=True), reference)
+    name = nm.TORCHVISION_NAMES[dataset]
+    assert calls == [(name, str(tmp_path), True, True), (name, str(tmp_path), False, True)]
+    assert nm.find_raw_dir(dataset, tmp_path) == tmp_path / name / "raw"
+
+
+def test_no_download_when_the_files_are_there(tmp_path, mnist_dir, monkeypatch):
+    _link_files(mnist_dir, tmp_path)
+    calls = fake_torchvision(monkeypatch, lambda name, root, train: None)
+    assert nm.ensure_dataset("mnist", tmp_path, download=True) == tmp_path
+    assert calls == []
 
 
 def test_download_offline_raises_data_not_found(tmp_path):
@@ -249,9 +294,10 @@ def test_ensure_dataset_returns_directory(tmp_path, mnist_dir):
 
 
 def test_train_and_evaluate_reports_missing_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(nm, "_download_with_torchvision", lambda dataset, data_dir: None)
+    calls = fake_torchvision(monkeypatch, lambda name, root, train: None)
     cfg = nm.TrainConfig(data_dir=str(tmp_path), epochs=1, max_train_samples=10)
     # train_and_evaluate loads with the default download=True; a download that brings nothing
     # must still end in DataNotFoundError rather than some other exception
     with pytest.raises(nm.DataNotFoundError):
         nm.train_and_evaluate(cfg)
+    assert len(calls) == 2  # the download was tried

@@ -1,0 +1,89 @@
+"""What a trained model is measured by: classification metrics, calibration, memorisation.
+
+Pure functions of logits, probabilities and labels, so that tests check them by hand.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+ECE_BINS = 15  # equal-width confidence bins of the calibration error and reliability diagrams
+
+
+def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of the one-vs-rest ROC-AUC (Mann-Whitney form, ties averaged);
+    classes without positives or without negatives are left out."""
+    aucs = []
+    for k in range(probs.shape[1]):
+        positive = labels == k
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        if n_pos and n_neg:
+            rank_sum = rankdata(probs[:, k])[positive].sum()
+            aucs.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list]:
+    """Reliability-diagram data: per equal-width confidence bin, the count, mean confidence
+    (max softmax) and accuracy (NaN for an empty bin)."""
+    confidence, predictions = probs.max(1)
+    correct = (predictions == labels).double()
+    which = (confidence.double() * bins).long().clamp_(max=bins - 1)
+    counts = torch.bincount(which, minlength=bins).double()
+
+    def bin_mean(values: torch.Tensor) -> list[float]:
+        return (torch.bincount(which, weights=values, minlength=bins) / counts).tolist()
+
+    return {"count": counts.tolist(), "confidence": bin_mean(confidence.double()), "accuracy": bin_mean(correct)}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Sum over bins of (bin size / N) * |accuracy - mean confidence|."""
+    reliability = calibration_bins(probs, labels, bins)
+    counts = torch.tensor(reliability["count"])
+    gaps = (torch.tensor(reliability["accuracy"]) - torch.tensor(reliability["confidence"])).abs()
+    return float((counts * gaps.nan_to_num(0.0)).sum() / counts.sum())
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy, accuracy, macro precision and recall (0 for a class never predicted),
+    macro ROC-AUC, expected calibration error and mean confidence."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    num_classes = logits.shape[1]
+    probs = torch.softmax(logits, 1)
+    predictions = logits.argmax(1)
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes).double()  # rows: true, columns: predicted
+    true_positives = confusion.diag()
+    return {
+        "test_loss": nn.functional.cross_entropy(logits, labels).item(),
+        "test_accuracy": (predictions == labels).double().mean().item(),
+        "test_macro_precision": (true_positives / confusion.sum(0).clamp(min=1)).mean().item(),
+        "test_macro_recall": (true_positives / confusion.sum(1).clamp(min=1)).mean().item(),
+        "test_macro_roc_auc": macro_roc_auc(probs.numpy(), labels.numpy()),
+        "test_ece": expected_calibration_error(probs, labels),
+        "test_mean_confidence": probs.max(1).values.mean().item(),
+    }
+
+
+def memorisation_metrics(predictions: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    """How far the model follows the noisy labels of training examples.
+
+    On the corrupted examples (noisy label != true label): the fraction predicted as their
+    noisy label and as their true label; on the others, plain training accuracy. NaN where a
+    subset is empty.
+    """
+    corrupted = noisy != clean
+
+    def fraction(hits: torch.Tensor) -> float:
+        return hits.double().mean().item() if len(hits) else math.nan
+
+    return {
+        "memorised_fraction": fraction(predictions[corrupted] == noisy[corrupted]),
+        "corrupted_true_fraction": fraction(predictions[corrupted] == clean[corrupted]),
+        "clean_train_accuracy": fraction(predictions[~corrupted] == clean[~corrupted]),
+    }
