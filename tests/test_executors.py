@@ -1,0 +1,211 @@
+"""executors.run_local: a function over items on worker processes, whatever the items are.
+
+Outcomes come back once per item: the return value, the exception raised, or WorkerDied for
+an item that killed its worker process (SIGKILL, as the OOM killer does) every time it ran
+alone. Workers are real processes; the deaths are real signals. (run_dask: tests/test_dask.py.)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import executors
+import nnet_models as nm
+
+ROOT = Path(__file__).resolve().parents[1]
+BARRIER = None  # set by a test before the pool forks: the workers inherit it
+PARENT_MARK = "as imported"
+
+
+def square(x):
+    return x * x
+
+
+def odd_raises(x):
+    if x % 2:
+        raise ValueError(f"odd item {x}")
+    return x
+
+
+def outcomes_by_item(pairs) -> dict:
+    pairs = list(pairs)
+    counts = Counter(item for item, _ in pairs)
+    assert max(counts.values()) == 1, f"items with more than one outcome: {counts.most_common(3)}"
+    return dict(pairs)
+
+
+def test_every_item_gets_its_outcome_once():
+    assert outcomes_by_item(executors.run_local(square, range(20), workers=2)) == {i: i * i for i in range(20)}
+    assert list(executors.run_local(square, [], workers=2)) == []
+
+
+def test_exceptions_come_back_as_outcomes_and_the_other_items_finish():
+    outcomes = outcomes_by_item(executors.run_local(odd_raises, range(8), workers=2))
+    assert {i: outcomes[i] for i in range(0, 8, 2)} == {0: 0, 2: 2, 4: 4, 6: 6}
+    for i in range(1, 8, 2):
+        assert isinstance(outcomes[i], ValueError) and str(outcomes[i]) == f"odd item {i}"
+
+
+# ---------------------------------------------------------------- workers that die
+
+
+def act(item):
+    """item = (name, what, folder). Every start is logged as a line in folder/<name>.starts."""
+    name, what, folder = item
+    folder = Path(folder)
+    with open(folder / f"{name}.starts", "a") as log:
+        log.write(f"{os.getpid()}\n")
+    first_time = len((folder / f"{name}.starts").read_text().splitlines()) == 1
+    if what == "dies" or (what == "dies-once" and first_time):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "dies-beside-neighbour":  # dies once the neighbour is running too (or at once, later)
+        wait_for(folder / "neighbour.starts")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "neighbour" and first_time:  # still running when the other worker dies
+        time.sleep(120)
+    return f"{name} done"
+
+
+def wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def starts(folder: Path, name: str) -> int:
+    path = folder / f"{name}.starts"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_an_item_that_always_kills_its_worker_gets_worker_died_after_max_attempts(tmp_path):
+    items = [(f"ok{i}", "returns", str(tmp_path)) for i in range(4)]
+    items.insert(2, ("culprit", "dies", str(tmp_path)))
+    outcomes = outcomes_by_item(executors.run_local(act, items, workers=1, max_attempts=2))
+    culprit = outcomes.pop(items[2])
+    assert isinstance(culprit, executors.WorkerDied)
+    assert culprit.attempts == 2 and "worker process died 2 times" in str(culprit)
+    assert starts(tmp_path, "culprit") == 2
+    assert outcomes == {item: f"{item[0]} done" for item in items if item[0] != "culprit"}
+
+
+def test_only_the_culprit_is_charged_for_deaths_not_the_item_running_beside_it(tmp_path):
+    """Both items were in flight when the worker died: each is rerun alone, and only the one
+    that still kills its worker there is charged, up to max_attempts."""
+    folder = str(tmp_path)
+    items = [("culprit", "dies-beside-neighbour", folder), ("neighbour", "neighbour", folder),
+             *[(f"ok{i}", "returns", folder) for i in range(3)]]
+    outcomes = outcomes_by_item(executors.run_local(act, items, workers=2, max_attempts=3))
+    culprit = outcomes.pop(items[0])
+    assert isinstance(culprit, executors.WorkerDied) and culprit.attempts == 3
+    assert starts(tmp_path, "culprit") == 4  # beside the neighbour once, then alone 3 times
+    assert starts(tmp_path, "neighbour") == 2  # interrupted once, then finished alone
+    assert outcomes == {item: f"{item[0]} done" for item in items[1:]}
+
+
+def test_an_item_whose_worker_died_once_finishes_when_rerun(tmp_path):
+    items = [("flaky", "dies-once", str(tmp_path)), *[(f"ok{i}", "returns", str(tmp_path)) for i in range(5)]]
+    outcomes = outcomes_by_item(executors.run_local(act, items, workers=2, max_attempts=2))
+    assert outcomes == {item: f"{item[0]} done" for item in items}
+    assert starts(tmp_path, "flaky") == 2
+
+
+def pid_then_block(item):
+    index, folder = item
+    if index == 0:
+        return os.getpid()
+    (Path(folder) / f"{os.getpid()}.pid").touch()
+    time.sleep(120)
+
+
+def test_closing_the_outcomes_early_stops_the_workers(tmp_path):
+    """What Ctrl-C in the consumer does: the items still running are abandoned, and no worker
+    process is left behind."""
+    outcomes = executors.run_local(pid_then_block, [(i, str(tmp_path)) for i in range(4)], workers=2)
+    item, first_pid = next(outcomes)
+    assert item[0] == 0
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = {int(p.stem) for p in tmp_path.glob("*.pid")} | {first_pid}
+    assert len(workers) == 2
+    outcomes.close()
+    # gone by now, not merely signalled: a forked worker holds the caller's open files (a
+    # campaign's output-directory lock) for as long as it lives
+    assert [pid for pid in workers if psutil.pid_exists(pid)] == []
+
+
+# ---------------------------------------------------------------- threads, affinity, start method
+
+
+def describe_worker(item):
+    if BARRIER is not None:
+        BARRIER.wait(timeout=60)  # every worker holds an item at once
+    return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN, "mark": PARENT_MARK,
+            "datasets": sorted(key[0] for key in nm._DATASET_CACHE)}
+
+
+@pytest.fixture
+def two_cpus():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two usable CPUs")
+    return cpus
+
+
+def test_pinned_workers_get_disjoint_cores(two_cpus, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(sys.modules[__name__], "BARRIER", multiprocessing.get_context("fork").Barrier(2))
+    outcomes = outcomes_by_item(executors.run_local(describe_worker, range(2), workers=2, threads=1, pin_cpus=True))
+    assert len({o["pid"] for o in outcomes.values()}) == 2
+    assert sorted(o["cpus"] for o in outcomes.values()) == [[two_cpus[0]], [two_cpus[1]]]
+    assert {o["omp"] for o in outcomes.values()} == {"1"}
+    assert all(o["sigint_ignored"] for o in outcomes.values())  # Ctrl-C is the driver's to handle
+
+
+def test_unpinned_workers_may_use_every_core(two_cpus):
+    outcomes = outcomes_by_item(executors.run_local(describe_worker, range(2), workers=2, threads=1, pin_cpus=False))
+    assert all(o["cpus"] == two_cpus for o in outcomes.values())
+
+
+def test_more_threads_than_cores_leaves_workers_unpinned(two_cpus):
+    outcomes = outcomes_by_item(executors.run_local(describe_worker, range(2), workers=len(two_cpus), threads=2))
+    assert all(o["cpus"] == two_cpus for o in outcomes.values())
+
+
+def test_single_threaded_workers_fork_and_share_the_decoded_dataset(mnist, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PARENT_MARK", "set in the parent")
+    outcome = next(executors.run_local(describe_worker, [0], workers=1, threads=1))[1]
+    assert outcome["mark"] == "set in the parent"  # the parent's memory, as it was at the fork
+    assert "mnist" in outcome["datasets"]
+
+
+def test_multithreaded_workers_start_from_a_forkserver(two_cpus, monkeypatch):
+    """A child forked from a process that ran OpenMP threads hangs on its first multi-threaded
+    op, so workers of several threads do not fork from the caller (nor do CUDA workers)."""
+    monkeypatch.setattr(sys.modules[__name__], "PARENT_MARK", "set in the parent")
+    outcome = next(executors.run_local(describe_worker, [0], workers=1, threads=2, pin_cpus=True))[1]
+    assert outcome["mark"] == "as imported"  # not the caller's memory
+    assert outcome["omp"] == "2"
+    assert outcome["cpus"] == two_cpus[:2]
+
+
+def test_usable_cpus_follow_the_affinity_mask():
+    """In a container or under taskset the CPU count overstates what a process may use."""
+    code = ("import os, executors, run_experiments as rx\n"
+            "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "config = rx.config_from_args(['--max_workers', 'none'])[0]\n"
+            "print(executors.usable_cpus(), rx.resolved_workers(config))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
+    assert executors.usable_cpus() == len(os.sched_getaffinity(0))
