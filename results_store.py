@@ -1,11 +1,13 @@
-"""Persistence of finished runs and the CSVs derived from them.
+"""Finished runs on disk, and every table derived from them.
 
-Every finished run (ok or failed) is one JSON file `runs/<run_id>.json`, written to a
-temporary name, fsynced and renamed, so a reader never sees a torn record, whatever kills
-the campaign. The three CSVs are derived from that store and can be regenerated any time.
+Each finished run (ok or failed) is one JSON record `runs/<run_id>.json`, written to a
+temporary name, fsynced and renamed, so a reader never sees a torn record whatever kills the
+campaign. The CSVs are derived from that store and can be rewritten at any time; the
+statistics the figures show (means, standard errors, confidence intervals) are computed here.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,164 +15,296 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from scipy.special import stdtrit  # the t quantile; scipy.stats costs ~0.5 s and ~50 MiB to import
+from scipy import stats
 
-# Config fields that define an experiment; runs that differ in any of them are never pooled.
-GROUP_FIELDS = [
-    "dataset", "model_type", "activation", "hidden_sizes", "noise_type", "p", "epochs",
-    "batch_size", "optimizer", "learning_rate", "weight_decay", "normalize",
-    "max_train_samples", "use_cuda", "noise_matrix", "loss_correction", "validation_fraction",
-    "precision",
-]
-# Fields added after the first results were stored: records without them had the default.
-FIELD_DEFAULTS = {"noise_matrix": None, "loss_correction": "none", "validation_fraction": 0.0,
-                  "precision": "float32"}
-RUN_FIELDS = ["run_id", "repeat", "status", "error", "attempts", "finished_at"]
-CONFIG_FIELDS = GROUP_FIELDS + ["seed", "cpu_threads", "data_dir"]
-METRICS = [
-    "test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
-    "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss",
-    "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy",
-    "selected_epoch", "selected_test_accuracy", "selected_test_loss",
-    "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds",
-]
-HISTORY_METRICS = [
-    "test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
-    "corrupted_true_fraction", "clean_train_accuracy", "validation_loss",
-]
-RELIABILITY_FIELDS = ["count", "confidence", "accuracy"]
-REQUIRED_KEYS = {"run_id", "repeat", "status", *(set(GROUP_FIELDS) - set(FIELD_DEFAULTS))}
+import nnet_models as nm
+from metrics import ECE_BINS
+
+RUNS_DIR = "runs"
+PER_RUN_CSV = "results_per_run.csv"
+SUMMARY_CSV = "results_summary.csv"
+HISTORY_CSV = "results_history.csv"
+RELIABILITY_CSV = "results_reliability.csv"
+CAMPAIGN_JSON = "campaign.json"
+
+# Config fields that do not change a run's result: the seed is what repeats vary.
+NON_GROUP_FIELDS = ("seed", "cpu_threads", "data_dir")
+CONFIG_FIELDS = [field.name for field in dataclasses.fields(nm.TrainConfig)]
+# Runs that differ in any of these are different experiments and are never pooled.
+GROUP_FIELDS = [name for name in CONFIG_FIELDS if name not in NON_GROUP_FIELDS]
+RUN_FIELDS = ["run_id", "repeat", "status", "error", "diverged_epoch", "diverged_step", "attempts", "finished_at"]
+# What identifies a run in the long tables (history, reliability).
+RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss_correction"]
+STATISTICS = ("mean", "std", "stderr", "ci95_low", "ci95_high")
+# A run's clean partner: the same settings and seed at p = 0, whatever the noise type.
+PAIR_FIELDS = [name for name in GROUP_FIELDS if name not in ("p", "noise_type", "noise_matrix")]
+DELTA_METRICS = ["test_accuracy", "test_loss"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old or the new file, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
 
 
+def csv_value(value):
+    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise
+    matrix as JSON text."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return json.dumps([list(row) for row in value])
+    if isinstance(value, tuple):
+        return "-".join(str(v) for v in value)
+    return value
+
+
 class RunStore:
     """One JSON record per finished run under `output_dir/runs/`."""
 
     def __init__(self, output_dir: str | Path):
-        self.directory = Path(output_dir) / "runs"
+        self.directory = Path(output_dir) / RUNS_DIR
 
     def save(self, record: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.directory / f"{record['run_id']}.json", json.dumps(record))
 
     def load(self) -> dict[str, dict]:
-        """All readable records by run id; unreadable or incomplete ones are skipped with a warning
-        (their runs count as not done, so the next campaign redoes them)."""
+        """All valid records by run id. An unreadable, incomplete or wrongly typed one is moved
+        to runs/invalid/ with a warning; its run counts as not done, so the campaign redoes it."""
         records = {}
         for path in sorted(self.directory.glob("*.json")):
             try:
                 record = json.loads(path.read_text())
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-                missing = REQUIRED_KEYS - set(record)
-                if missing:
-                    raise ValueError(f"missing fields {sorted(missing)}")
+                check_record(record, path.stem)
             except (ValueError, OSError) as exc:
-                warnings.warn(f"skipping unreadable run record {path}: {exc}; the run will be redone")
+                (self.directory / "invalid").mkdir(exist_ok=True)
+                path.replace(self.directory / "invalid" / path.name)
+                warnings.warn(f"moved the invalid run record {path.name} to {self.directory / 'invalid'}/ "
+                              f"({exc}); its run will be redone")
                 continue
             records[record["run_id"]] = record
         return records
 
 
-# ---------------------------------------------------------------- derived tables
+STATUSES = ("ok", "failed", "diverged")
 
-# What identifies a run in the long-form tables (history, reliability).
-RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss_correction"]
+
+def check_record(record, run_id: str) -> None:
+    """Raise ValueError unless `record` is a complete run record of `run_id`."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    missing = {"run_id", "repeat", "status", *GROUP_FIELDS} - set(record)
+    if missing:
+        raise ValueError(f"missing fields {sorted(missing)}")
+    if record["run_id"] != run_id or record["status"] not in STATUSES or not isinstance(record["repeat"], int):
+        raise ValueError(f"run_id, repeat or status ({record['status']!r}) is not what a record of {run_id} holds")
+    if record["status"] == "ok":
+        numbers = [record.get(m) for m in ("test_accuracy", "test_loss", "seconds", "train_seconds")]
+        history = record.get("history_test_loss")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ValueError("its metrics are missing or not numbers")
+        if not isinstance(history, list) or len(history) != record["epochs"] or "reliability" not in record:
+            raise ValueError("its history or reliability bins are missing or incomplete")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def describe(values: pd.Series) -> dict[str, float]:
+    """Mean, sample std (ddof=1), standard error and the t-based 95% CI of the mean."""
+    n = values.count()
+    mean = values.mean()
+    if n < 2:
+        return {"mean": mean, "std": math.nan, "stderr": math.nan, "ci95_low": math.nan, "ci95_high": math.nan}
+    std = values.std(ddof=1)
+    stderr = std / math.sqrt(n)
+    half_width = stats.t.ppf(0.975, n - 1) * stderr
+    return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half_width, "ci95_high": mean + half_width}
+
+
+def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
+    """One row per distinct value of `by`: n, then M_mean, M_std, M_stderr, M_ci95_low and
+    M_ci95_high for every metric M (missing metrics give empty columns)."""
+    frame = frame.reindex(columns=list(dict.fromkeys([*by, *metrics])))
+    rows = []
+    # dropna=False: max_train_samples and noise_matrix are empty for "all samples" and "none".
+    for key, group in frame.groupby(by, dropna=False, sort=True):
+        row = dict(zip(by, key), n=len(group))
+        for metric in metrics:
+            values = pd.to_numeric(group[metric], errors="coerce")
+            row.update({f"{metric}_{name}": value for name, value in describe(values).items()})
+        rows.append(row)
+    columns = [*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ---------------------------------------------------------------- derived tables
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
-    """One row per run: run bookkeeping, config fields, final metrics (history left out)."""
-    columns = RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + METRICS
-    table = pd.DataFrame(records).reindex(columns=columns)
+    """One row per run: bookkeeping, config fields, final metrics (history left out)."""
+    table = pd.DataFrame(records).reindex(columns=RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + nm.METRICS)
     table["max_train_samples"] = table["max_train_samples"].astype("Int64")  # empty = all samples
     return table.sort_values(GROUP_FIELDS[:6] + ["repeat"], kind="stable", ignore_index=True)
 
 
+def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
+    """`ok` runs with delta_M for M in DELTA_METRICS: M minus M of the clean partner run, the run
+    at p = 0 with the same seed and settings (the noise type aside: at p = 0 every noise type
+    is the same run). Empty at p = 0 and where no partner was run."""
+    keys = PAIR_FIELDS + ["seed"]
+    clean = ok[ok["p"] == 0].drop_duplicates(keys)[keys + DELTA_METRICS]
+    paired = ok.merge(clean, on=keys, how="left", suffixes=("", "_clean"))
+    for metric in DELTA_METRICS:
+        paired[f"delta_{metric}"] = (paired[metric] - paired[f"{metric}_clean"]).where(paired["p"] > 0)
+    return paired
+
+
+def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.DataFrame:
+    """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the
+    paired differences from the clean baseline. With a precision `target`, the test accuracy's
+    interval is the two-stage one that the number of repeats was chosen for (`Target`)."""
+    ok = per_run[per_run["status"] == "ok"]
+    summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
+    return summary if target is None else with_two_stage_intervals(summary, ok, target)
+
+
+# ---------------------------------------------------------------- a precision target
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Repeats chosen per experiment for a 95% CI of mean test accuracy at most `half_width`
+    wide on each side (Stein's two-stage rule). The first `first_stage` repeats estimate the
+    spread s0; the experiment then gets n = (t * s0 / half_width)^2 repeats in all (t: the 97.5%
+    t quantile with first_stage - 1 degrees of freedom), at most `max_repeats`, and its interval
+    is mean(all n) +- t * s0 / sqrt(n). Choosing n from the data and then using a plain t
+    interval would cover the mean less often than 95% (docs/statistics.md)."""
+
+    half_width: float
+    first_stage: int
+    max_repeats: int
+
+    def repeats(self, first_stage_values) -> int:
+        """The repeats an experiment needs, from the ok values of its first stage."""
+        values = pd.Series(first_stage_values, dtype=float)
+        if values.count() < 2:
+            return self.first_stage
+        t = stats.t.ppf(0.975, values.count() - 1)
+        return int(min(self.max_repeats, max(self.first_stage, math.ceil((t * values.std(ddof=1) / self.half_width) ** 2))))
+
+    def half_width_of(self, first_stage_values, n: int) -> float:
+        values = pd.Series(first_stage_values, dtype=float)
+        if values.count() < 2:
+            return math.nan
+        return stats.t.ppf(0.975, values.count() - 1) * values.std(ddof=1) / math.sqrt(n)
+
+
+def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
+    """The summary with test accuracy's interval from `target`'s rule, and `target_met`."""
+    first = ok[ok["repeat"] < target.first_stage].groupby(GROUP_FIELDS, dropna=False, sort=True)["test_accuracy"]
+    first_values = first.apply(list).reindex(pd.MultiIndex.from_frame(summary[GROUP_FIELDS])).tolist()
+    half = pd.Series([target.half_width_of(v if isinstance(v, list) else [], n)
+                      for v, n in zip(first_values, summary["n"])], index=summary.index)
+    mean = summary["test_accuracy_mean"]
+    return summary.assign(test_accuracy_ci95_low=mean - half, test_accuracy_ci95_high=mean + half,
+                          target_met=half <= target.half_width)
+
+
 def history_table(records: list[dict]) -> pd.DataFrame:
-    """Per-epoch clean-test metrics in long form: one row per (run, epoch)."""
+    """Per-epoch metrics in long form: one row per (run, epoch)."""
     rows = [
         {**{k: record[k] for k in RUN_KEYS}, "epoch": epoch + 1,
-         **{m: record[f"history_{m}"][epoch] for m in HISTORY_METRICS if f"history_{m}" in record}}
+         **{m: record[f"history_{m}"][epoch] for m in nm.HISTORY_METRICS if f"history_{m}" in record}}
         for record in records if record["status"] == "ok"
         for epoch in range(len(record["history_test_loss"]))
     ]
-    return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + HISTORY_METRICS)
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + nm.HISTORY_METRICS)
 
 
 def reliability_table(records: list[dict]) -> pd.DataFrame:
     """Reliability-diagram bins of every run's final model on the clean test set, long form."""
+    fields = ["count", "confidence", "accuracy"]
     rows = [
-        {**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in RELIABILITY_FIELDS}}
-        for record in records if record["status"] == "ok" and "reliability" in record
-        for b in range(len(record["reliability"]["count"]))
+        {**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
+        for record in records if record["status"] == "ok"
+        for b in range(ECE_BINS)
     ]
-    return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + RELIABILITY_FIELDS)
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + fields)
 
 
-def describe(values: pd.Series) -> dict[str, float]:
-    """Mean, sample std (ddof=1), standard error and t-based 95% CI of one group's values."""
-    n = values.count()
-    mean = values.mean()
-    std = values.std(ddof=1) if n > 1 else math.nan
-    stderr = std / math.sqrt(n) if n > 1 else math.nan
-    half_width = stdtrit(n - 1, 0.975) * stderr if n > 1 else math.nan
-    return {"mean": mean, "std": std, "stderr": stderr,
-            "ci95_low": mean - half_width, "ci95_high": mean + half_width}
-
-
-def summary_table(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Aggregate the ok runs of each experiment (every GROUP_FIELDS value the same)."""
-    missing = {**{k: v for k, v in FIELD_DEFAULTS.items() if k not in per_run},
-               **{m: math.nan for m in METRICS if m not in per_run}}
-    ok = per_run[per_run["status"] == "ok"].assign(**missing)
-    rows = []
-    # dropna=False: max_train_samples is NaN (= all samples) and must still form a group.
-    for group, runs in ok.groupby(GROUP_FIELDS, dropna=False, sort=True):
-        row = dict(zip(GROUP_FIELDS, group), n=len(runs))
-        for metric in METRICS:
-            row.update({f"{metric}_{k}": v for k, v in describe(runs[metric].astype(float)).items()})
-        rows.append(row)
-    stat_columns = [f"{m}_{k}" for m in METRICS for k in ("mean", "std", "stderr", "ci95_low", "ci95_high")]
-    return pd.DataFrame(rows, columns=GROUP_FIELDS + ["n"] + stat_columns)
-
-
-def write_csvs(records: list[dict], output_dir: str | Path) -> dict[str, Path]:
-    """(Re)write the per-run, summary and history CSVs from the stored records."""
-    output_dir = Path(output_dir)
-    records = [{**FIELD_DEFAULTS, **record} for record in records]  # older records lack newer fields
+def write_csvs(records: list[dict], output_dir: str | Path, target: Target | None = None) -> list[Path]:
+    """(Re)write every CSV from the stored records; returns their paths."""
     per_run = per_run_table(records)
     tables = {
-        "results_per_run.csv": per_run,
-        "results_summary.csv": summary_table(per_run),
-        "results_history.csv": history_table(records),
-        "results_reliability.csv": reliability_table(records),
+        PER_RUN_CSV: per_run,
+        SUMMARY_CSV: summary_table(per_run, target),
+        HISTORY_CSV: history_table(records),
+        RELIABILITY_CSV: reliability_table(records),
     }
-    paths = {}
+    paths = []
     for name, table in tables.items():
-        paths[name] = output_dir / name
-        atomic_write_text(paths[name], table.to_csv(index=False))
+        paths.append(Path(output_dir) / name)
+        atomic_write_text(paths[-1], table.to_csv(index=False))
     return paths
 
 
-def csv_value(value):
-    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise
-    matrix as JSON."""
-    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
-        return json.dumps([list(row) for row in value])
-    if isinstance(value, tuple):
-        return "-".join(str(v) for v in value)
-    return value
+# ---------------------------------------------------------------- reading a campaign back
+
+
+@dataclasses.dataclass
+class Results:
+    """A campaign's tables, as the figures use them.
+
+    runs: one row per run. summary: one row per experiment. curves: per experiment and
+    epoch, the history metrics' mean and standard error over repeats. reliability: per
+    experiment and confidence bin, the bins of all its runs pooled (weighted by count).
+    """
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+    reliability: pd.DataFrame
+
+
+def read_results(output_dir: str | Path) -> Results:
+    """Read the CSVs of an output directory (also while its campaign is still running)."""
+    output_dir = Path(output_dir)
+    runs = read_csv(output_dir / PER_RUN_CSV)
+    config = runs[runs["status"] == "ok"][["run_id", *GROUP_FIELDS]]
+    history, reliability = (read_csv(output_dir / name) for name in (HISTORY_CSV, RELIABILITY_CSV))
+    history, reliability = (table.drop(columns=[c for c in table if c in GROUP_FIELDS]).merge(config, on="run_id")
+                            for table in (history, reliability))
+    return Results(runs=runs, summary=read_csv(output_dir / SUMMARY_CSV),
+                   curves=summarize(history, GROUP_FIELDS + ["epoch"], nm.HISTORY_METRICS),
+                   reliability=pool_reliability(reliability))
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV of this module, run ids read as text so that every table agrees on their type."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
+    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str})
+
+
+def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:
+    """Each experiment's reliability bins pooled over its runs, as if all their test predictions
+    were one set: bin accuracy and confidence averaged weighted by the bins' counts."""
+    filled = reliability[reliability["count"] > 0]
+    weighted = filled.assign(confidence=filled["confidence"] * filled["count"],
+                             accuracy=filled["accuracy"] * filled["count"])
+    pooled = weighted.groupby(GROUP_FIELDS + ["bin"], dropna=False, sort=True)[["count", "confidence", "accuracy"]].sum()
+    return pooled.assign(confidence=pooled["confidence"] / pooled["count"],
+                         accuracy=pooled["accuracy"] / pooled["count"]).reset_index()
