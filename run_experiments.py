@@ -3,71 +3,80 @@
 Edit the config block below, or override any of its names on the command line:
     python run_experiments.py --ps 0,0.5 --noise_types label_flip,pixel_uniform --repeats 3
     python run_experiments.py --smoke          # tiny grid, well under a minute
-    python run_experiments.py --dry-run        # print the grid and an estimate, run nothing
+    python run_experiments.py --dry-run        # the grid's size and an estimate, run nothing
 Finished runs are stored one file each under OUTPUT_DIR/runs/ the moment they finish; running
 the same command again resumes (only missing or failed runs are run).
 """
 from __future__ import annotations
 
 # ============================== config block: edit these ==============================
-datasets = ["mnist"]                     # mnist | fashion_mnist
-activations = ["relu", "tanh", "sigmoid"]  # relu | tanh | sigmoid | leaky_relu | gelu
-model_types = ["mlp"]                    # mlp | cnn
-noise_types = ["label_uniform", "label_flip", "pixel_uniform", "pixel_empirical"]
-#   also label_pairflip (k -> k+1 mod K) and label_matrix (T = (1-p) I + p * noise_matrix)
-noise_matrix = None                      # K x K row-stochastic M for label_matrix: nested list, JSON, or a .json path
-loss_corrections = ["none"]              # none | forward (Patrini et al.), for label noise; both = paired comparison
-validation_fraction = 0.0                # e.g. 0.1: hold out noisy training data to pick the epoch (early stopping)
+datasets = ["mnist"]                     # training data: mnist | fashion_mnist
+activations = ["relu", "tanh", "sigmoid"]  # relu | tanh | sigmoid | leaky_relu (slope 0.1) | gelu
+model_types = ["mlp"]                    # mlp (784 -> hidden_sizes -> 10) | cnn (two conv blocks, 128 dense)
+noise_types = ["label_uniform", "label_flip", "pixel_uniform", "pixel_empirical"]  # also label_pairflip, label_matrix
+noise_matrix = None                      # K x K row-stochastic M for label_matrix (T = (1-p) I + p M): nested list, JSON or a .json path
+loss_corrections = ["none"]              # none | forward (Patrini et al., label noise only); both = a paired comparison
+validation_fraction = 0.0                # in [0, 0.5]; e.g. 0.1 holds out noisy training data to pick the epoch
 ps = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # noise levels, each in [0, 1]
-extra_label_ps = [0.95, 1.0]             # further p values for the label noise types only
-repeats = 5                              # runs per grid point, seeds shared across p (paired)
-epochs = 10
-batch_size = 128
+extra_label_ps = [0.95, 1.0]             # further noise levels for the label noise types only
+repeats = 5                              # runs per grid point; repeat r has the same seeds at every p (paired)
+target_ci95 = None                       # e.g. 0.005: repeats until the 95% CI of mean test accuracy is +-0.005 (repeats = the minimum, >= 3)
+max_repeats = 50                         # with target_ci95: the most repeats a grid point gets
+epochs = 10                              # training epochs per run
+batch_size = 128                         # training batch size
 optimizer = "adam"                       # adam | sgd (momentum 0.9)
-learning_rate = 1e-3
-weight_decay = 0.0
+learning_rate = 1e-3                     # step size, > 0
+weight_decay = 0.0                       # L2 penalty, >= 0
 hidden_sizes = [256, 128]                # MLP hidden layer widths
-normalize = True                         # standardize pixels (after noise) with the dataset's mean/std
-max_train_samples = None                 # None = the full training set; e.g. 2000 for a smoke run
-seed = 0                                 # campaign seed; repeat r uses a seed derived from (seed, r)
-max_workers = None                       # None = CPU count // cpu_threads_per_worker
-cpu_threads_per_worker = 1
+normalize = True                         # standardize pixels (after the noise) with the dataset's mean and std
+max_train_samples = None                 # None = the full training set; a number N = its first N examples
+seed = 0                                 # campaign seed; repeat r's seed derives from (seed, r)
+max_workers = None                       # worker processes; None = CPU count // cpu_threads_per_worker
+cpu_threads_per_worker = 1               # torch threads per worker
 pin_cpus = True                          # pin each worker to its own cores where the OS allows
+allow_oversubscription = False           # allow workers x threads above twice the CPU count
 max_attempts = 3                         # tries per run (worker deaths, failures across resumes)
 retry_failed = True                      # on resume, run failed runs again (up to max_attempts)
-use_cuda = False                         # needs max_workers = 1
-precision = "float32"                    # float32 | bfloat16: mixed-precision training (README, Performance)
-data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files
-output_dir = "results"
-executor = "local"                       # local (process pool on this machine) | dask
-dask_scheduler = None                    # with executor = "dask": the scheduler, e.g. "tcp://HOST:8786"
+use_cuda = False                         # train on the GPU (needs max_workers = 1)
+precision = "float32"                    # float32 | bfloat16 (mixed-precision training passes, docs/performance.md)
+data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files directly
+output_dir = "results/campaign"          # where runs, CSVs and figures go
+executor = "local"                       # local (process pool on this machine) | dask (docs/cluster.md)
+dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
 # =======================================================================================
 CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and name != "annotations"]
 
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly; main() handles it from then on
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import argparse
 import dataclasses
+from collections import deque
 import hashlib
 import itertools
 import json
-import multiprocessing
+import math
 import os
 import platform
-import signal
+import re
 import subprocess
-import sys
 import time
 import traceback
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 
+import executors
+import metrics
 import nnet_models as nm
-from results_store import FIELD_DEFAULTS, RunStore, atomic_write_text, csv_value, write_csvs
+import results_store as rs
 
 EXECUTORS = ("local", "dask")
-CSV_REFRESH_SECONDS = 30  # during a campaign, the CSVs are rewritten at most this often
+MAX_GRID_SIZE = 1_000_000
+CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often
 SMOKE_PRESET = {
     "activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
     "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke",
@@ -76,7 +85,7 @@ SMOKE_PRESET = {
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One cell of the grid: a training config plus its place in the campaign."""
+    """One cell of the grid: a training config and its place in the campaign."""
 
     run_id: str
     repeat: int
@@ -84,14 +93,21 @@ class RunSpec:
 
 
 class ConfigError(ValueError):
-    """The campaign's configuration is invalid; nothing has been run or written."""
+    """The campaign's configuration is invalid (args[0]: every problem, one line each); nothing
+    has been run or written."""
 
 
 # ---------------------------------------------------------------- command line
 
 
+def config_comments() -> dict[str, str]:
+    """The comment after each name of the config block: the help text of its flag."""
+    block = Path(__file__).read_text().split("# =====")[1]
+    return dict(re.findall(r"^(\w+) = .*?#\s*(.+)$", block, flags=re.MULTILINE))
+
+
 def parse_value(text: str, default):
-    """Parse a command-line value by the type of the config block's default."""
+    """A command-line value, parsed by the type of the config block's default."""
     if isinstance(default, str):  # paths and names stay text, even "123"
         return text
     if isinstance(default, list):
@@ -101,8 +117,7 @@ def parse_value(text: str, default):
 
 
 def parse_scalar(text: str):
-    text = text.strip()
-    lowered = text.lower()
+    lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None
     if lowered in ("true", "yes", "false", "no"):
@@ -112,21 +127,23 @@ def parse_scalar(text: str):
             return number_type(text)
         except ValueError:
             pass
-    return text
+    return text.strip()
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = config_comments()
     for name, default in defaults.items():
-        flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(*flags, dest=name, metavar="VALUE", help=f"(default: {shown})")
-    parser.add_argument("--smoke", action="store_true", help="tiny grid on 2000 samples, 1 epoch")
+        parser.add_argument(*sorted({f"--{name}", f"--{name.replace('_', '-')}"}), dest=name, metavar="VALUE",
+                            help=f"{comments.get(name, '')} (default: {shown})".replace("%", "%%"))
+    parser.add_argument("--smoke", action="store_true", help="tiny grid on 2000 samples, 1 epoch, into results/smoke")
     parser.add_argument("--dry-run", "--dry_run", action="store_true",
-                        help="print the grid and an estimated wall time, run nothing")
-    parser.add_argument("--fresh", action="store_true",
-                        help="move existing results in output_dir aside and start over")
+                        help="print the grid's size and an estimated wall time and memory, run nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="check that each training set-up can fit 100 clean examples, run nothing else")
+    parser.add_argument("--list", action="store_true", help="with --dry-run: also list every run of the grid")
+    parser.add_argument("--fresh", action="store_true", help="move existing results in output_dir aside and start over")
     return parser
 
 
@@ -138,86 +155,104 @@ def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     if args.smoke:
         config.update(SMOKE_PRESET)
     for name in CONFIG_NAMES:
-        text = getattr(args, name)
-        if text is not None:
-            config[name] = parse_value(text, defaults[name])
+        if getattr(args, name) is not None:
+            config[name] = parse_value(getattr(args, name), defaults[name])
     return config, args
 
 
 # ---------------------------------------------------------------- validation
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+CHOICES = {"datasets": nm.DATASETS, "activations": nm.ACTIVATIONS, "model_types": nm.MODEL_TYPES,
+           "noise_types": nm.NOISE_TYPES, "loss_corrections": nm.LOSS_CORRECTIONS}
+SCALAR_CHOICES = {"optimizer": nm.OPTIMIZERS, "precision": nm.PRECISIONS, "executor": EXECUTORS}
+RULES = {  # name: (check, what is allowed)
+    "repeats": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "cpu_threads_per_worker": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "max_attempts": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "max_repeats": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "target_ci95": (lambda v: v is None or is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
+    "max_workers": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
+    "max_train_samples": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
+    "seed": (is_int, "an integer"),
+    "learning_rate": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "validation_fraction": (lambda v: is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "hidden_sizes": (lambda v: isinstance(v, list) and all(is_int(h) and h >= 1 for h in v),
+                     "a list of integers >= 1"),
+    **{name: (lambda v: isinstance(v, bool), "true or false")
+       for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
+}
 
 
 def config_errors(config: dict) -> list[str]:
     """Every problem with the config's values, each naming the bad value and what is allowed."""
     errors = []
-    choices = {"datasets": nm.DATASETS, "activations": nm.ACTIVATIONS,
-               "model_types": nm.MODEL_TYPES, "noise_types": nm.NOISE_TYPES}
-    for name, allowed in choices.items():
-        values = config[name] if isinstance(config[name], list) else [config[name]]
-        if not values:
+    for name, allowed in CHOICES.items():
+        if not config[name]:
             errors.append(f"{name} is empty; give at least one of: {', '.join(allowed)}")
-        errors += [f"{name}: {v!r} is not one of: {', '.join(allowed)}" for v in values if v not in allowed]
-    if not config["loss_corrections"]:
-        errors.append(f"loss_corrections is empty; give at least one of: {', '.join(nm.LOSS_CORRECTIONS)}")
-    errors += [f"loss_corrections: {v!r} is not one of: {', '.join(nm.LOSS_CORRECTIONS)}"
-               for v in config["loss_corrections"] if v not in nm.LOSS_CORRECTIONS]
-    if "label_matrix" in config["noise_types"]:
-        if config["noise_matrix"] is None:
-            errors.append("noise_types has label_matrix but noise_matrix is None; give a K x K "
-                          "row-stochastic matrix (nested list, JSON text or a .json file)")
-        else:
-            try:
-                parse_noise_matrix(config["noise_matrix"])
-            except (ValueError, OSError) as exc:
-                errors.append(f"noise_matrix: {exc}")
-    fraction = config["validation_fraction"]
-    if not (_is_number(fraction) and 0 <= fraction <= 0.5):
-        errors.append(f"validation_fraction: {fraction!r} is not a number in [0, 0.5]")
-    if config["optimizer"] not in nm.OPTIMIZERS:
-        errors.append(f"optimizer: {config['optimizer']!r} is not one of: {', '.join(nm.OPTIMIZERS)}")
-    if config["precision"] not in nm.PRECISIONS:
-        errors.append(f"precision: {config['precision']!r} is not one of: {', '.join(nm.PRECISIONS)}")
+        errors += [f"{name}: {v!r} is not one of: {', '.join(allowed)}" for v in config[name] if v not in allowed]
+    errors += [f"{name}: {config[name]!r} is not one of: {', '.join(allowed)}"
+               for name, allowed in SCALAR_CHOICES.items() if config[name] not in allowed]
+    errors += [f"{name}: {config[name]!r} is not {allowed}"
+               for name, (check, allowed) in RULES.items() if not check(config[name])]
+    errors += [f"{name}: {value!r} appears more than once; give each value once"
+               for name in [*CHOICES, "ps", "extra_label_ps"] if isinstance(config[name], list)
+               for value in {v for v in config[name] if config[name].count(v) > 1}]
+    errors += [f"{name}: {config[name]!r} is not a non-empty path" for name in ("output_dir", "data_dir")
+               if not (isinstance(config[name], str) and config[name].strip())]
     if not config["ps"]:
         errors.append("ps is empty; give at least one noise level in [0, 1]")
     for name in ("ps", "extra_label_ps"):
-        errors += [f"{name}: {p!r} is not a number in [0, 1]" for p in config[name]
-                   if not (_is_number(p) and 0 <= p <= 1)]
-    positive_ints = ["repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts"]
-    optional_positive_ints = ["max_workers", "max_train_samples"]
-    for name in positive_ints + optional_positive_ints:
-        value = config[name]
-        if (value is not None or name in positive_ints) and not (_is_int(value) and value >= 1):
-            allowed = "an integer >= 1" + (" or None" if name in optional_positive_ints else "")
-            errors.append(f"{name}: {value!r} is not {allowed}")
-    hidden = config["hidden_sizes"]
-    if not isinstance(hidden, list) or not all(_is_int(h) and h >= 1 for h in hidden):
-        errors.append(f"hidden_sizes: {hidden!r} is not a list of integers >= 1")
-    if not (_is_number(config["learning_rate"]) and config["learning_rate"] > 0):
-        errors.append(f"learning_rate: {config['learning_rate']!r} is not a number > 0")
-    if not (_is_number(config["weight_decay"]) and config["weight_decay"] >= 0):
-        errors.append(f"weight_decay: {config['weight_decay']!r} is not a number >= 0")
-    for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda"):
-        if not isinstance(config[name], bool):
-            errors.append(f"{name}: {config[name]!r} is not true or false")
-    if config["executor"] not in EXECUTORS:
-        errors.append(f"executor: {config['executor']!r} is not one of: {', '.join(EXECUTORS)}")
-    elif config["executor"] == "dask" and not config["dask_scheduler"]:
-        errors.append("executor='dask' needs dask_scheduler, the scheduler's address, e.g. tcp://HOST:8786")
-    if config["use_cuda"] is True:
-        if config["max_workers"] != 1:
-            errors.append(f"use_cuda=True needs max_workers=1 (got {config['max_workers']!r}): "
-                          "one process owns the GPU")
-        elif not nm.torch.cuda.is_available():
-            errors.append("use_cuda=True but torch sees no CUDA device; set use_cuda=False")
-    return errors
+        errors += [f"{name}: {p!r} is not a number in [0, 1]" for p in config[name] if not (is_number(p) and 0 <= p <= 1)]
+    if errors:  # the checks below build on valid values
+        return errors
+    if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
+        errors.append(f"repeats: {config['repeats']} must be at least 3 and at most max_repeats "
+                      f"({config['max_repeats']}) with target_ci95: it is then the minimum number of repeats")
+    return errors + noise_matrix_errors(config) + placement_errors(config)
+
+
+def noise_matrix_errors(config: dict) -> list[str]:
+    if "label_matrix" not in config["noise_types"]:
+        return []
+    if config["noise_matrix"] is None:
+        return ["noise_types has label_matrix but noise_matrix is None; give a K x K "
+                "row-stochastic matrix (nested list, JSON text or a .json file)"]
+    try:
+        parse_noise_matrix(config["noise_matrix"])
+    except (ValueError, OSError) as exc:
+        return [f"noise_matrix: {str(config['noise_matrix'])[:80]!r} is not a K x K row-stochastic matrix "
+                f"(nested list, JSON text or a .json file): {exc}"]
+    return []
+
+
+def placement_errors(config: dict) -> list[str]:
+    """Where the runs can go: a Dask scheduler to talk to, one process for the GPU, enough cores."""
+    if config["executor"] == "dask":
+        if not re.fullmatch(r"(tcp|tls)://[\w.\-\[\]:]+:\d+", str(config["dask_scheduler"])):
+            return [f"dask_scheduler: {config['dask_scheduler']!r} is not a scheduler address like tcp://HOST:8786 "
+                    "or tls://HOST:8786"]
+        return []
+    slots = resolved_workers(config) * config["cpu_threads_per_worker"]
+    if slots > 2 * executors.usable_cpus() and not config["allow_oversubscription"]:
+        return [f"max_workers x cpu_threads_per_worker = {slots} threads on {executors.usable_cpus()} CPUs; lower "
+                "them, or set allow_oversubscription = True to run that many anyway"]
+    if config["use_cuda"] is True and config["max_workers"] != 1:
+        return [f"use_cuda=True needs max_workers=1 (got {config['max_workers']!r}): one process owns the GPU"]
+    if config["use_cuda"] is True and not nm.torch.cuda.is_available():
+        return ["use_cuda=True but torch sees no CUDA device; set use_cuda=False"]
+    return []
 
 
 def output_dir_error(output_dir: str) -> str | None:
@@ -234,68 +269,27 @@ def output_dir_error(output_dir: str) -> str | None:
 def validate(config: dict) -> None:
     """Raise ConfigError listing every problem, before anything runs or is written."""
     errors = config_errors(config)
+    if not errors and grid_size(config) > MAX_GRID_SIZE:
+        errors.append(f"the grid has {grid_size(config):,} runs, more than {MAX_GRID_SIZE:,}; "
+                      "fewer ps, repeats or other factors")
     if not errors:
         errors += filter(None, [output_dir_error(config["output_dir"])])
         local_datasets = config["datasets"] if config["executor"] == "local" else []  # else the workers' data
-        for dataset in dict.fromkeys(local_datasets):
-            try:
-                nm.ensure_dataset(dataset, config["data_dir"])
-            except nm.DataNotFoundError as exc:
-                errors.append(f"data_dir: {exc}")
+        errors += [error for dataset in dict.fromkeys(local_datasets) for error in data_errors(dataset, config)]
     if errors:
-        raise ConfigError("invalid campaign configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(errors)
 
 
-# ---------------------------------------------------------------- grid
-
-
-def repeat_seed(campaign_seed: int, repeat: int) -> int:
-    """The seed of repeat r: the same at every p and noise type, so comparisons are paired."""
-    return nm.stream_seed(campaign_seed, f"repeat/{repeat}") % 2**31
-
-
-def run_key(cfg: nm.TrainConfig) -> str:
-    """A stable id from every field that affects the run's result (threads and paths do not).
-    Fields added later are left out at their default, so earlier run ids stay valid."""
-    fields = {k: csv_value(v) for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("cpu_threads", "data_dir") and not (k in FIELD_DEFAULTS and v == FIELD_DEFAULTS[k])}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def ps_for(noise_type: str, config: dict) -> list[float]:
-    extra = config["extra_label_ps"] if noise_type in nm.LABEL_NOISE_TYPES else []
-    return sorted({float(p) for p in config["ps"] + extra})
-
-
-def grid_cells(config: dict):
-    """(dataset, model_type, activation, noise_type, loss_correction, p, repeat) of every run;
-    loss corrections vary for the label noise types only (under pixel noise T = I)."""
-    for dataset, model_type, activation, noise_type in itertools.product(
-            config["datasets"], config["model_types"], config["activations"], config["noise_types"]):
-        corrections = config["loss_corrections"] if noise_type in nm.LABEL_NOISE_TYPES else ["none"]
-        for correction, p, repeat in itertools.product(corrections, ps_for(noise_type, config), range(config["repeats"])):
-            yield dataset, model_type, activation, noise_type, correction, p, repeat
-
-
-def build_grid(config: dict) -> list[RunSpec]:
-    """datasets x model_types x activations x noise_types (x loss_corrections) x ps x repeats."""
-    shared = dict(
-        hidden_sizes=tuple(config["hidden_sizes"]), epochs=config["epochs"], batch_size=config["batch_size"],
-        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
-        weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
-        cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
-        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"],
-        validation_fraction=float(config["validation_fraction"]))
-    matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
-    specs = []
-    for dataset, model_type, activation, noise_type, correction, p, repeat in grid_cells(config):
-        cfg = nm.TrainConfig(
-            dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
-            loss_correction=correction, seed=repeat_seed(config["seed"], repeat),
-            noise_matrix=matrix if noise_type == "label_matrix" else None,
-            **shared)
-        specs.append(RunSpec(run_key(cfg), repeat, cfg))
-    return specs
+def data_errors(dataset: str, config: dict) -> list[str]:
+    """The data files decode and hold what they should, with enough training examples."""
+    try:
+        n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
+    except (nm.DataNotFoundError, nm.DataFileError) as exc:
+        return [f"data_dir: {exc}"]
+    if (config["max_train_samples"] or 0) > n_train:
+        return [f"max_train_samples: {config['max_train_samples']} is more than the {n_train} training "
+                f"examples of {dataset}; give at most {n_train}, or None for all"]
+    return []
 
 
 def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
@@ -313,185 +307,152 @@ def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
     return tuple(tuple(float(x) for x in row) for row in value)
 
 
+# ---------------------------------------------------------------- grid
+
+
+def repeat_seed(campaign_seed: int, repeat: int) -> int:
+    """The seed of repeat r: the same at every p and noise type, so comparisons are paired."""
+    return nm.stream_seed(campaign_seed, f"repeat/{repeat}") % 2**31
+
+
+def run_key(cfg: nm.TrainConfig) -> str:
+    """A stable id from every field that affects the run's result (threads and paths do not)."""
+    fields = {k: rs.csv_value(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("cpu_threads", "data_dir")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ps_for(noise_type: str, config: dict) -> list[float]:
+    extra = config["extra_label_ps"] if noise_type in nm.LABEL_NOISE_TYPES else []
+    return sorted({float(p) for p in config["ps"] + extra})
+
+
+def grid_size(config: dict) -> int:
+    """The number of runs build_grid would make, counted without making them."""
+    per_noise = [len(ps_for(t, config)) * (len(config["loss_corrections"]) if t in nm.LABEL_NOISE_TYPES else 1)
+                 for t in config["noise_types"]]
+    return (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"])
+            * sum(per_noise) * config["repeats"])
+
+
+def build_grid(config: dict) -> list[RunSpec]:
+    """datasets x model_types x activations x noise_types (x loss_corrections) x ps x repeats.
+    Loss corrections vary for the label noise types only (under pixel noise T = I)."""
+    shared = dict(
+        hidden_sizes=tuple(config["hidden_sizes"]), epochs=config["epochs"], batch_size=config["batch_size"],
+        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
+        weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
+        cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
+        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"],
+        validation_fraction=float(config["validation_fraction"]))
+    matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
+    specs = []
+    for dataset, model_type, activation, noise_type in itertools.product(
+            config["datasets"], config["model_types"], config["activations"], config["noise_types"]):
+        corrections = config["loss_corrections"] if noise_type in nm.LABEL_NOISE_TYPES else ["none"]
+        for correction, p, repeat in itertools.product(corrections, ps_for(noise_type, config), range(config["repeats"])):
+            point = nm.TrainConfig(
+                dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
+                loss_correction=correction, noise_matrix=matrix if noise_type == "label_matrix" else None, **shared)
+            specs.append(spec_for(point, repeat, config["seed"]))
+    return specs
+
+
+def spec_for(point: nm.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
+    """Repeat `repeat` of a grid point (a config whose seed is not yet set)."""
+    cfg = dataclasses.replace(point, seed=repeat_seed(campaign_seed, repeat))
+    return RunSpec(run_key(cfg), repeat, cfg)
+
+
+class RepeatPlan:
+    """How many repeats each grid point gets: the config's `repeats`, or, with a precision target,
+    as many as its first stage asks for (results_store.Target); a clean (p = 0) point gets at
+    least as many as the points whose paired differences need it."""
+
+    def __init__(self, config: dict, specs: list[RunSpec]):
+        self.target = precision_target(config)
+        self.seed = config["seed"]
+        self.planned: dict[nm.TrainConfig, int] = {}
+        self.asked: dict[nm.TrainConfig, int] = {}  # what the rule asked for each point itself
+        for spec in specs:
+            point = dataclasses.replace(spec.config, seed=0)
+            self.planned[point] = max(self.planned.get(point, 0), spec.repeat + 1)
+
+    def extend(self, point: nm.TrainConfig, records: dict[str, dict]) -> list[RunSpec]:
+        """The runs `point` and its clean partner need beyond those planned, once its first stage is done."""
+        if self.target is None:
+            return []
+        first = [records.get(spec_for(point, r, self.seed).run_id) for r in range(self.target.first_stage)]
+        if None in first:
+            return []
+        n = self.target.repeats([record["test_accuracy"] for record in first if record["status"] == "ok"])
+        self.asked[point] = n
+        partner = dataclasses.replace(point, p=0.0)
+        return self.grow(point, n) + (self.grow(partner, n) if partner in self.planned else [])
+
+    def grow(self, point: nm.TrainConfig, n: int) -> list[RunSpec]:
+        planned, self.planned[point] = self.planned[point], max(self.planned[point], n)
+        return [spec_for(point, r, self.seed) for r in range(planned, n)]
+
+    def capped(self) -> list[nm.TrainConfig]:
+        """The points whose own spread asked for max_repeats or more."""
+        return [point for point, n in self.asked.items() if n >= self.target.max_repeats]
+
+
+def precision_target(config: dict) -> rs.Target | None:
+    if config["target_ci95"] is None:
+        return None
+    return rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
+
+
 def resolved_workers(config: dict) -> int:
-    return config["max_workers"] or max(1, usable_cpus() // config["cpu_threads_per_worker"])
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return config["max_workers"] or max(1, executors.usable_cpus() // config["cpu_threads_per_worker"])
 
 
 # ---------------------------------------------------------------- one run, in a worker
-
-_started_runs = None  # queue through which local workers announce the run they start
-
-
-def init_worker(threads: int, cpu_slots: list[list[int]] | None, slot_counter, started_runs) -> None:
-    """Pin this worker's thread count (and cores), once, when the pool starts it."""
-    global _started_runs
-    _started_runs = started_runs
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handler, inherited by fork
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    nm.torch.set_num_threads(threads)
-    if cpu_slots:
-        with slot_counter.get_lock():
-            slot = slot_counter.value % len(cpu_slots)
-            slot_counter.value += 1
-        os.sched_setaffinity(0, cpu_slots[slot])
-
-
-def run_one(spec: RunSpec) -> dict:
-    """Train and evaluate one grid cell; an exception becomes a `failed` record, never a crash."""
-    if _started_runs is not None:
-        _started_runs.put(spec.run_id)
-    record = {"run_id": spec.run_id, "repeat": spec.repeat}
-    try:
-        result = nm.train_and_evaluate(spec.config)
-        record.update(status="ok", error="")
-    except Exception as exc:
-        result = dataclasses.asdict(spec.config)
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                      traceback=traceback.format_exc())
-    record.update({k: csv_value(v) for k, v in result.items()})
-    record["finished_at"] = now()
-    return record
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# ---------------------------------------------------------------- executing the grid
+def run_record(spec: RunSpec, status: str, error: str = "", **fields) -> dict:
+    """A stored run: bookkeeping, every config field as the CSVs write it, and `fields`."""
+    config = {k: rs.csv_value(v) for k, v in dataclasses.asdict(spec.config).items()}
+    return {"run_id": spec.run_id, "repeat": spec.repeat, "status": status, "error": error,
+            "finished_at": now(), **config, **{k: rs.csv_value(v) for k, v in fields.items()}}
 
 
-def cpu_slots_for(workers: int, threads: int) -> list[list[int]] | None:
-    """Disjoint sets of cores, one per worker, or None when pinning is impossible."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    if workers * threads > len(cpus):
-        return None
-    return [cpus[i * threads : (i + 1) * threads] for i in range(workers)]
-
-
-def worker_died_record(spec: RunSpec, attempts: int) -> dict:
-    record = {"run_id": spec.run_id, "repeat": spec.repeat, "status": "failed", "attempts": attempts,
-              "error": f"worker process died {attempts} times while running this run "
-                       "(killed, out of memory or crashed)", "finished_at": now()}
-    record.update({k: csv_value(v) for k, v in dataclasses.asdict(spec.config).items()})
-    return record
-
-
-def drain(queue) -> set[str]:
-    items = set()
-    while not queue.empty():
-        items.add(queue.get())
-    return items
-
-
-def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued and stop the worker processes now, without waiting for runs."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    for child in multiprocessing.active_children():
-        child.terminate()
-
-
-def pool_context(threads: int, use_cuda: bool):
-    """How to start the pool's workers. Forked from this process, they share its decoded dataset
-    copy-on-write. But a forked child cannot start OpenMP threads (it hangs) if this process
-    has already run multi-threaded torch ops, as a notebook kernel may have, nor use CUDA once
-    this process has asked torch about the GPU: so workers of several threads, and CUDA
-    workers, are forked from a fresh server process instead, each decoding the data."""
-    methods = multiprocessing.get_all_start_methods()
-    if (threads > 1 or use_cuda) and "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["nnet_models"])
-        return context
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
-
-
-def run_pool(specs: list[RunSpec], workers: int, config: dict, on_done) -> set[str]:
-    """Run specs on a fresh process pool, calling on_done(record) for each finished run.
-
-    Returns the ids of the runs that were in flight when a worker process died (which breaks
-    the whole pool), or an empty set when every run finished.
-    """
-    threads = config["cpu_threads_per_worker"]
-    context = pool_context(threads, config["use_cuda"])
-    slots = cpu_slots_for(workers, threads) if config["pin_cpus"] else None
-    started = context.SimpleQueue()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker,
-                               initargs=(threads, slots, context.Value("i", 0), started))
-    unfinished = {spec.run_id for spec in specs}
+def run_one(spec: RunSpec) -> dict:
+    """Train and evaluate one grid cell; an exception becomes a `failed` record, never a crash."""
     try:
-        futures = [pool.submit(run_one, spec) for spec in specs]
-        for future in as_completed(futures):
-            if future.exception() is None:
-                record = future.result()
-                unfinished.discard(record["run_id"])
-                on_done(record)
-            elif not isinstance(future.exception(), BrokenProcessPool):
-                raise future.exception()
-    except BaseException:
-        stop_pool(pool)
-        raise
-    pool.shutdown(wait=True)
-    return drain(started) & unfinished
+        result = nm.train_and_evaluate(spec.config)
+    except nm.DivergedError as exc:  # deterministic: not retried on resume
+        return run_record(spec, "diverged", str(exc), diverged_epoch=exc.epoch, diverged_step=exc.step)
+    except Exception as exc:
+        return run_record(spec, "failed", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    return run_record(spec, "ok", **result)
 
 
-def execute_local(specs: list[RunSpec], config: dict, on_record) -> None:
-    """Run specs on a local process pool; a pool broken by a dead worker is replaced.
-
-    The runs that were in flight when a worker died are suspects: each is rerun alone, so only
-    a run that kills its worker while alone is charged a crash (and after `max_attempts`
-    crashes recorded as failed); the innocent ones simply finish. A record's `attempts` counts
-    every start of the run, interrupted ones included.
-    """
-    remaining = {spec.run_id: spec for spec in specs}
-    interruptions = dict.fromkeys(remaining, 0)
-    crashes = dict.fromkeys(remaining, 0)
-    suspects: set[str] = set()
-
-    def on_done(record: dict) -> None:
-        del remaining[record["run_id"]]
-        record["attempts"] = 1 + interruptions[record["run_id"]]
-        on_record(record)
-
-    def after_crash(in_flight: set[str]) -> None:
-        print(f"A worker process died while running {len(in_flight)} run(s); rerunning them one at a "
-              "time to find the one that crashes.", file=sys.stderr, flush=True)
-        for run_id in in_flight:
-            interruptions[run_id] += 1
-        if len(in_flight) == 1:  # it was alone: the culprit
-            (run_id,) = in_flight
-            crashes[run_id] += 1
-            if crashes[run_id] >= config["max_attempts"]:
-                on_record(worker_died_record(remaining.pop(run_id), interruptions[run_id]))
-                return
-        suspects.update(in_flight)
-
-    while remaining:
-        if suspects:
-            alone = suspects.pop()
-            in_flight = run_pool([remaining[alone]], 1, config, on_done)
-        else:
-            in_flight = run_pool(list(remaining.values()), resolved_workers(config), config, on_done)
-        if in_flight:
-            after_crash(in_flight)
+def outcome_record(spec: RunSpec, outcome) -> dict:
+    """The record of a run from what its executor returned: a record, or an exception."""
+    if isinstance(outcome, executors.WorkerDied):
+        return {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
+    if isinstance(outcome, BaseException):
+        return run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
+    return outcome
 
 
-def execute(specs: list[RunSpec], config: dict, on_record) -> None:
+def execute(specs: list[RunSpec], config: dict):
+    """(spec, outcome) of every run, as they finish, on the configured executor."""
     if config["executor"] == "dask":
-        import dask_executor  # dask is needed for executor = "dask" alone
+        modules = [Path(m.__file__) for m in (metrics, nm, rs, executors, sys.modules[__name__])]
+        return executors.run_dask(run_one, specs, config["dask_scheduler"], retries=config["max_attempts"] - 1,
+                                  upload=modules)
+    return executors.run_local(run_one, specs, resolved_workers(config), config["cpu_threads_per_worker"],
+                               config["pin_cpus"], config["use_cuda"], config["max_attempts"])
 
-        dask_executor.execute_dask(specs, config, on_record)
-    else:
-        execute_local(specs, config, on_record)
 
-
-# ---------------------------------------------------------------- campaign bookkeeping
+# ---------------------------------------------------------------- the campaign
 
 
 def git_commit() -> str | None:
@@ -504,12 +465,10 @@ def git_commit() -> str | None:
 
 
 def campaign_metadata(config: dict, grid_size: int) -> dict:
-    import numpy
-
     return {
         "config": config, "grid_size": grid_size,
         "versions": {"python": platform.python_version(), "torch": nm.torch.__version__,
-                     "numpy": numpy.__version__},
+                     "numpy": nm.np.__version__},
         "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
         "workers": resolved_workers(config), "started_at": now(), "finished_at": None,
     }
@@ -518,18 +477,12 @@ def campaign_metadata(config: dict, grid_size: int) -> dict:
 def count_statuses(specs: list[RunSpec], records: dict[str, dict]) -> dict[str, int]:
     statuses = [records[s.run_id]["status"] if s.run_id in records else "pending" for s in specs]
     return {"done": statuses.count("ok"), "failed": statuses.count("failed"),
-            "pending": statuses.count("pending")}
-
-
-def write_metadata(path: Path, metadata: dict, specs, records) -> None:
-    metadata["counts"] = count_statuses(specs, records)
-    metadata["updated_at"] = now()
-    atomic_write_text(path, json.dumps(metadata, indent=2, default=str))
+            "diverged": statuses.count("diverged"), "pending": statuses.count("pending")}
 
 
 def runs_to_do(specs: list[RunSpec], records: dict[str, dict], config: dict) -> list[RunSpec]:
     """Runs never finished, plus failed ones while retry_failed and tries are left."""
-    def needs_run(spec):
+    def needs_run(spec: RunSpec) -> bool:
         record = records.get(spec.run_id)
         if record is None:
             return True
@@ -557,120 +510,243 @@ def describe_run(record: dict) -> str:
     head = (f"{record['model_type']}/{record['activation']} {record['noise_type']}{correction} "
             f"p={record['p']:.2f} r{record['repeat']}")
     if record["status"] != "ok":
-        return f"[FAILED] {head}: {record['error']}"
-    return (f"[ok] {head}: acc={record['test_accuracy']:.4f} loss={record['test_loss']:.4f} "
-            f"({record['seconds']:.1f}s)")
+        return f"[{record['status'].upper()}] {head}: {record['error']}"
+    return f"[ok] {head}: acc={record['test_accuracy']:.4f} loss={record['test_loss']:.4f} ({record['seconds']:.1f}s)"
+
+
+class CampaignLockedError(RuntimeError):
+    """Another campaign is running in the same output directory."""
+
+
+def lock_output_dir(output_dir: Path):
+    """Hold an exclusive lock on OUTPUT_DIR/campaign.lock while the campaign runs; it names the
+    holder. The kernel drops the lock when its process dies, so a dead campaign's lock is taken over."""
+    import fcntl
+
+    handle = open(output_dir / "campaign.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CampaignLockedError(f"another campaign ({holder}) is running in {output_dir}/; wait for it to "
+                                  "finish or stop it, or give this one another output_dir") from None
+    handle.truncate(0)
+    handle.write(f"PID {os.getpid()} on {platform.node()}")
+    handle.flush()
+    return handle
+
+
+class Campaign:
+    """One campaign's bookkeeping: the run store, campaign.json, the CSVs, the log and progress."""
+
+    def __init__(self, config: dict, specs: list[RunSpec]):
+        self.config, self.specs = config, specs
+        self.output_dir = Path(config["output_dir"])
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = lock_output_dir(self.output_dir)
+        self.store = rs.RunStore(self.output_dir)
+        self.records = self.store.load()
+        self.plan = RepeatPlan(config, specs)
+        for point in list(self.plan.planned):  # a resumed campaign continues to its target
+            self.specs += self.plan.extend(point, self.records)
+        self.metadata = campaign_metadata(config, len(specs))
+        self.log_file = open(self.output_dir / "campaign.log", "a")
+        self.csvs_written_at = time.monotonic()
+        self.started, self.done, self.bar = time.monotonic(), 0, None
+
+    def start_progress(self, total: int) -> None:
+        """A progress bar on a terminal; redirected output gets plain lines with an ETA only."""
+        from tqdm import tqdm
+
+        self.started, self.total = time.monotonic(), total
+        self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not total)
+
+    def say(self, message: str, error: bool = False) -> None:
+        """Print a line, and append it with a timestamp to OUTPUT_DIR/campaign.log."""
+        stream = sys.stderr if error else sys.stdout
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message, file=stream)
+        else:
+            print(message, file=stream, flush=True)
+        self.log_file.write(f"{now()} {message}\n")
+        self.log_file.flush()
+
+    def write_metadata(self) -> None:
+        self.metadata.update(counts=count_statuses(self.specs, self.records), updated_at=now())
+        rs.atomic_write_text(self.output_dir / rs.CAMPAIGN_JSON, json.dumps(self.metadata, indent=2, default=str))
+
+    def add(self, record: dict) -> None:
+        """Store a finished run before anything is said about it; refresh the CSVs now and then."""
+        previous = self.records.get(record["run_id"], {})
+        record["attempts"] = record.get("attempts", 1) + previous.get("attempts", 0)
+        self.store.save(record)
+        self.records[record["run_id"]] = record
+        self.write_metadata()
+        if time.monotonic() - self.csvs_written_at > CSV_REFRESH_SECONDS:  # the notebook can follow along
+            rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
+            self.csvs_written_at = time.monotonic()
+        self.done += 1
+        remaining = (time.monotonic() - self.started) / self.done * (self.total - self.done)
+        self.say(f"[{self.done}/{self.total}, ETA {duration(remaining)}] {describe_run(record)}")
+        self.bar.update()
+
+    def write_outputs(self, finished: bool) -> None:
+        """The CSVs and figures from every stored record (the files are the truth: a signal may
+        land between a save and its bookkeeping)."""
+        self.records = self.store.load()
+        self.metadata["finished_at"] = now() if finished else None
+        rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
+        self.write_metadata()
+        try:
+            import plots
+
+            plots.write_figures(self.output_dir)
+        except Exception as exc:  # figures are a convenience; the CSVs are the result
+            self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
+
+    def close(self) -> None:
+        self.log_file.close()
+        self.lock.close()
 
 
 def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def finish(output_dir: Path, records: dict[str, dict], specs, metadata) -> None:
-    """Regenerate the CSVs (and headline figures) from everything stored."""
-    write_csvs(list(records.values()), output_dir)
-    write_metadata(output_dir / "campaign.json", metadata, specs, records)
-    try:
-        import plots
-
-        plots.write_headline_figures(output_dir)
-    except Exception as exc:  # figures are a convenience; the CSVs are the result
-        print(f"Could not draw the figures: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-
 def run_campaign(config: dict, fresh: bool = False) -> int:
     """Run every missing run of the grid; returns the process exit code."""
-    from tqdm import tqdm
-
     specs = build_grid(config)
-    output_dir = Path(config["output_dir"])
-    if fresh and (moved := move_aside(output_dir)):
+    if fresh and (moved := move_aside(Path(config["output_dir"]))):
         print(f"Moved the previous results to {moved}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    store = RunStore(output_dir)
-    records = store.load()
-    todo = runs_to_do(specs, records, config)
-    metadata = campaign_metadata(config, len(specs))
-    write_metadata(output_dir / "campaign.json", metadata, specs, records)
-    if config["executor"] == "local":
-        warn_oversubscription(config)
-        for dataset in dict.fromkeys(config["datasets"]):  # fails here if unreadable; forked workers share it
-            nm.load_dataset(dataset, config["data_dir"])
-        where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
-    else:
-        where = f"the Dask cluster at {config['dask_scheduler']}"
-    given_up = len(specs) - len(todo) - count_statuses(specs, records)["done"]
-    print(f"{len(specs)} runs in the grid, {len(specs) - len(todo) - given_up} already done, "
-          + (f"{given_up} failed for good (out of attempts), " if given_up else "") +
-          f"{len(todo)} to run on {where}. Results: {output_dir}/", flush=True)
-
-    progress = tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not todo)
-
-    csvs_written_at = time.monotonic()
-
-    def on_record(record: dict) -> None:
-        nonlocal csvs_written_at
-        previous = records.get(record["run_id"], {})
-        record["attempts"] = record.get("attempts", 1) + previous.get("attempts", 0)
-        store.save(record)  # persisted before anything is printed about it
-        records[record["run_id"]] = record
-        write_metadata(output_dir / "campaign.json", metadata, specs, records)
-        if time.monotonic() - csvs_written_at > CSV_REFRESH_SECONDS:  # the notebook can follow along
-            write_csvs(list(records.values()), output_dir)
-            csvs_written_at = time.monotonic()
-        progress.write(describe_run(record))
-        progress.update()
-
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    interrupted = False
     try:
-        execute(todo, config, on_record)
+        campaign = Campaign(config, specs)
+    except CampaignLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(storage_error(exc), file=sys.stderr)
+        return 1
+    try:
+        todo = runs_to_do(specs, campaign.records, config)
+        campaign.write_metadata()
+        if config["executor"] == "local":
+            for dataset in dict.fromkeys(config["datasets"]):  # decoded once; forked workers share it
+                nm.load_dataset(dataset, config["data_dir"])
+            where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
+        else:
+            where = f"the Dask cluster at {config['dask_scheduler']}"
+        done = count_statuses(specs, campaign.records)["done"]
+        given_up = len(specs) - len(todo) - done
+        campaign.say(f"{len(specs)} runs in the grid, {done} already done, "
+                     + (f"{given_up} failed or diverged for good (not rerun), " if given_up else "")
+                     + f"{len(todo)} to run on {where}. Results: {campaign.output_dir}/")
+        ending = run_all(campaign, todo)
+        campaign.write_outputs(finished=ending == "finished")
+        return report_outcome(campaign, ending)
+    except OSError as exc:  # disk full, read-only, runs/ gone: stop, keeping what is stored
+        campaign.say(storage_error(exc), error=True)
+        return 1
+    finally:
+        campaign.close()
+
+
+def run_all(campaign: Campaign, todo: list[RunSpec]) -> str:
+    """Run and store `todo`: "finished", "interrupted" (Ctrl-C, SIGTERM) or "stopped" (scheduler lost)."""
+    campaign.start_progress(len(todo))
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    queue = deque(todo)
+    try:
+        for spec, outcome in execute(queue, campaign.config):
+            campaign.add(outcome_record(spec, outcome))
+            more = campaign.plan.extend(dataclasses.replace(spec.config, seed=0), campaign.records)
+            queue.extend(more)  # run by the same workers, no pause between rounds
+            campaign.specs += more
+            campaign.total += len(more)
+            campaign.bar.total += len(more)
     except KeyboardInterrupt:
-        interrupted = True
-    except ConnectionError as exc:  # the Dask scheduler is unreachable or went away mid-campaign
-        progress.write(f"error: {exc}", file=sys.stderr)
-        interrupted = True  # every finished run is stored; the CSVs are written below
+        return "interrupted"
+    except executors.SchedulerUnavailableError as exc:
+        campaign.say(f"error: {exc}", error=True)
+        return "stopped"
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        progress.close()
-    metadata["finished_at"] = None if interrupted else now()
-    records = store.load()  # the files are the truth: a signal may land between a save and its bookkeeping
-    finish(output_dir, records, specs, metadata)
-    return report_outcome(specs, records, output_dir, interrupted)
+        campaign.bar.close()
+    return "finished"
 
 
-def report_outcome(specs, records, output_dir: Path, interrupted: bool) -> int:
-    counts = count_statuses(specs, records)
-    print(f"Done: {counts['done']} ok, {counts['failed']} failed, {counts['pending']} pending. "
-          f"CSVs in {output_dir}/")
-    if interrupted:
-        print("Interrupted. Every finished run is saved; run the same command again to resume.")
-        return 130
-    failed = [records[s.run_id] for s in specs if records.get(s.run_id, {}).get("status") == "failed"]
+def storage_error(exc: OSError) -> str:
+    return (f"error: could not write {exc.filename or 'a results file'}: {exc.strerror or exc}. The campaign "
+            "stopped; every run finished before this is stored. Free some space or fix the permissions, "
+            "then run the same command again to resume.")
+
+
+def report_outcome(campaign: Campaign, ending: str) -> int:
+    """The closing lines: counts, where the results are, and what to do next."""
+    counts = count_statuses(campaign.specs, campaign.records)
+    out = campaign.output_dir
+    campaign.say(f"{counts['done']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
+                 f"{counts['pending']} pending.")
+    failed = [r for r in campaign.records.values() if r["status"] != "ok"]
     for record in failed:
-        print(f"  failed run {record['run_id']}: {describe_run(record)}")
+        campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record)}")
+    campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
+                 f"figures: {out}/figures/; log: {out}/campaign.log")
+    campaign.say(f"Report: python plots.py {out} --report  (writes {out}/report.html)")
+    for point in campaign.plan.capped():
+        campaign.say(f"  reached max_repeats: {point.model_type}/{point.activation} {point.noise_type} p={point.p:g}")
+    if ending == "interrupted":
+        campaign.say("Interrupted. Every finished run is saved; run the same command again to resume.")
+        return 130
+    if ending == "stopped":
+        campaign.say("Every finished run is saved; once the scheduler answers, run the same command again to resume.")
+        return 1
     return 1 if failed else 0
 
 
-def warn_oversubscription(config: dict) -> None:
-    workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    if workers * threads > usable_cpus():
-        warnings.warn(f"max_workers x cpu_threads_per_worker = {workers} x {threads} exceeds the "
-                      f"{usable_cpus()} CPUs available: runs will compete for cores and slow down")
+# ---------------------------------------------------------------- checks before a campaign
+
+
+SETUP_FIELDS = ("dataset", "model_type", "activation", "hidden_sizes", "optimizer", "learning_rate",
+                "weight_decay", "normalize")
+
+
+def preflight_check(config: dict) -> int:
+    """Can each training set-up of the grid fit 100 clean examples? Returns the exit code."""
+    setups = {}
+    for spec in build_grid(config):
+        setups.setdefault(tuple(getattr(spec.config, f) for f in SETUP_FIELDS), spec.config)
+    print(f"Checking that each of the {len(setups)} training set-ups can fit 100 clean training examples...",
+          flush=True)
+    failing = 0
+    for cfg in setups.values():
+        accuracy, loss = nm.fits_tiny_subset(cfg, nm.load_dataset(cfg.dataset, cfg.data_dir))
+        fits = accuracy >= 0.95 and math.isfinite(loss)
+        failing += not fits
+        values = ", ".join(f"{f}={rs.csv_value(getattr(cfg, f))}" for f in SETUP_FIELDS)
+        print(f"[{'ok' if fits else 'FAILS'}] {values}: training accuracy {accuracy:.2f}, loss {loss:.3g}")
+    if failing:
+        print(f"{failing} set-up(s) cannot fit 100 examples (accuracy below 0.95 or loss not finite): "
+              "fix them (learning_rate, optimizer, ...) before starting the campaign.")
+    return 1 if failing else 0
+
+
+# ---------------------------------------------------------------- dry run
 
 
 def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
     """(training samples per second, other seconds per epoch: set-up and evaluation) of one
-    run's kind, from the faster of two one-epoch runs (after a warm-up), as other load on the
+    kind of run, from the faster of two one-epoch runs after a warm-up: other load on the
     machine only ever slows a run down."""
     one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024)
-    nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))  # warm-up
+    nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))
     best = min((nm.train_and_evaluate(one_epoch) for _ in range(2)), key=lambda result: result["seconds"])
     return one_epoch.max_train_samples / best["train_seconds"], best["seconds"] - best["train_seconds"]
 
 
 def estimate_seconds(specs: list[RunSpec]) -> list[float]:
-    """Estimated seconds of each run, calibrating once per kind of run (model, batch, pixel noise or not)."""
+    """Estimated seconds of each run, calibrating once per kind (model, batch, pixel noise or not, ...)."""
     rates = {}
     estimates = []
     for spec in specs:
@@ -685,46 +761,65 @@ def estimate_seconds(specs: list[RunSpec]) -> list[float]:
     return estimates
 
 
-def peak_rss_mb() -> float:
+def duration(seconds: float) -> str:
+    """'45 s', '12 min' or '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def print_dry_run(config: dict, list_runs: bool = False) -> None:
+    """The grid's size per factor and an estimated wall time and memory; the runs themselves on request."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def print_dry_run(config: dict) -> None:
-    """The grid, then a wall-time and memory estimate from a few seconds of calibration."""
     specs = build_grid(config)
-    for spec in specs:
-        cfg = spec.config
-        print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} "
-              f"p={cfg.p:.2f} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
     workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    print(f"{len(specs)} runs in the grid; {workers} workers x {threads} threads; "
+    factors = {name: len(config[name]) for name in ("datasets", "model_types", "activations", "noise_types")}
+    print(f"{len(specs)} runs: " + " x ".join(f"{n} {name}" for name, n in factors.items())
+          + f" x p values x {config['repeats']} repeats; {workers} workers x {threads} threads; "
           f"output_dir={config['output_dir']}")
-    print("Calibrating: three short runs of each kind (model, noise kind), ~5 s for an MLP, ~15 s for a CNN...",
-          flush=True)
+    print("Calibrating: three short runs of each kind of run (a few seconds each)...", flush=True)
     nm.torch.set_num_threads(threads)
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
-    unit = "minutes on the GPU" if config["use_cuda"] else f"CPU-minutes ({threads} thread(s))"
-    memory_mb = peak_rss_mb()
-    print(f"Estimated per run: {min(seconds) / 60:.1f}-{max(seconds) / 60:.1f} {unit}; "
-          f"campaign wall time ~ {wall / 3600:.1f} h ({wall / 60:.0f} min) on {workers} workers; "
-          f"peak memory ~ {memory_mb:.0f} MB per worker, ~ {workers * memory_mb / 1024:.1f} GB in all "
-          f"(upper bounds: each worker counts the pages it shares).")
+    memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    where = "on the GPU" if config["use_cuda"] else f"on {threads} thread(s)"
+    print(f"Estimated wall time {duration(wall)} on {workers} workers ({duration(min(seconds))} to "
+          f"{duration(max(seconds))} per run {where}); peak memory at most {memory_mb:.0f} MB per worker, "
+          f"{workers * memory_mb / 1024:.1f} GB in all.")
+    if config["target_ci95"] is not None:
+        most = config["max_repeats"] / config["repeats"]
+        print(f"With target_ci95 = {config['target_ci95']}: from {len(specs)} runs ({duration(wall)}) if every "
+              f"grid point meets it at once, to {round(len(specs) * most)} runs ({duration(wall * most)}) if every "
+              "one needs max_repeats.")
+    for spec in specs if list_runs else []:
+        cfg = spec.config
+        print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} "
+              f"p={cfg.p:.2f} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    warnings.formatwarning = one_line_warning
     config, args = config_from_args(argv)
     try:
         validate(config)
+        if args.check:
+            return preflight_check(config)
+        if args.dry_run:
+            print_dry_run(config, args.list)
+            return 0
+        return run_campaign(config, fresh=args.fresh)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in exc.args[0]), file=sys.stderr)
         return 2
-    if args.dry_run:
-        print_dry_run(config)
-        return 0
-    return run_campaign(config, fresh=args.fresh)
+    except KeyboardInterrupt:
+        print("Interrupted before the campaign started; nothing was run.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,74 +1,92 @@
-"""The campaign layer: command line, grid, validation, statistics, end-to-end campaigns."""
+"""The campaign: config block and command line, validation, the grid, the dry run, whole
+campaigns on real MNIST, resuming, --fresh and the CSVs refreshed while a campaign runs.
+
+(Crashes, signals and corrupt records: test_crash.py. The store and statistics:
+test_results_store.py. The executors: test_executors.py, test_dask.py.)
+"""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
+import errno
 import json
-import math
-import multiprocessing
 import os
 import platform
+import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from scipy import stats
 
 import nnet_models as nm
 import results_store as rs
 import run_experiments as rx
+from conftest import (PER_RUN_LINE, check_summary_against_per_run, per_run_lines, run_files, run_main, same, snapshot,
+                      tiny_argv)
+from metrics import ECE_BINS
 
-# Final metrics of every ok run (finite whatever the noise type and p)...
+ROOT = Path(__file__).resolve().parents[1]
+# The final metrics of every ok run (finite whatever the noise type and p)...
 ALWAYS_FINITE = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
                  "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss", "seconds", "train_seconds"]
-# ...and those that exist only for some runs (NaN in the CSVs elsewhere)
+# ...and those that exist only for some runs (empty in the CSVs elsewhere)
 MEMORISATION = ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]  # label noise
 SELECTED = ["selected_epoch", "selected_test_accuracy", "selected_test_loss"]  # validation_fraction > 0
 NOISY_TEST = ["noisy_test_accuracy", "noisy_test_loss"]  # pixel noise
-METRICS = ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST
-# A K x K row-stochastic M for label_matrix: half the mass stays, half goes to the next class.
-HALF_NEXT = [[0.5 if j in (i, (i + 1) % 10) else 0.0 for j in range(10)] for i in range(10)]
-IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+K = nm.NUM_CLASSES
+IDENTITY = [[1.0 if i == j else 0.0 for j in range(K)] for i in range(K)]
+NEXT = [[1.0 if j == (i + 1) % K else 0.0 for j in range(K)] for i in range(K)]  # k -> k+1 mod K
+HALF_NEXT = [[0.5 if j in (i, (i + 1) % K) else 0.0 for j in range(K)] for i in range(K)]
+
+
+def as_tuples(matrix) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(x) for x in row) for row in matrix)
 
 
 def config_of(*argv: str) -> dict:
     return rx.config_from_args(list(argv))[0]
 
 
-def tiny_argv(output_dir, data_dir, *extra: str) -> list[str]:
-    """8 runs (relu x {label_flip, pixel_uniform} x p {0, 0.5} x 2 repeats), 300 samples, 1 epoch."""
-    return ["--activations", "relu", "--noise_types", "label_flip,pixel_uniform", "--ps", "0,0.5",
-            "--extra_label_ps", "", "--repeats", "2", "--epochs", "1", "--max_train_samples", "300",
-            "--hidden_sizes", "32", "--max_workers", "2",
-            "--data_dir", str(data_dir), "--output_dir", str(output_dir), *extra]
+def progress(stdout: str) -> list[str]:
+    """The "k/N" of each per-run line."""
+    return [f"{match[1]}/{match[2]}" for line in stdout.splitlines() if (match := PER_RUN_LINE.fullmatch(line))]
 
 
-def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """main(argv) in this process (workers are forked from it), with its stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = rx.main(argv)
-    return code, out.getvalue(), err.getvalue()
+# ================================================================ config block and command line
 
 
-@pytest.fixture(scope="module")
-def warm(mnist_dir):
-    """Decode MNIST and train once in this process, so forked workers start warm (speed only)."""
-    nm.train_and_evaluate(nm.TrainConfig(epochs=1, max_train_samples=200, hidden_sizes=(16,),
-                                         data_dir=str(mnist_dir)))
-    return mnist_dir
+def test_every_config_name_has_help_from_its_config_block_comment(capsys):
+    with pytest.raises(SystemExit) as info:
+        rx.main(["--help"])
+    assert info.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (at hyphens too)
+    parser = rx.build_parser({name: getattr(rx, name) for name in rx.CONFIG_NAMES})
+    helps = {action.dest: action.help for action in parser._actions}
+    for name in rx.CONFIG_NAMES:
+        assert f"--{name}" in text and f"--{name.replace('_', '-')}" in text
+        comment = helps[name].rsplit(" (default:", 1)[0]
+        assert comment, f"{name} has no comment in the config block"
+        assert "".join(helps[name].replace("%%", "%").split()) in text
+    assert "noiselevels,eachin[0,1](default:0.0,0.1,0.2" in text
+    assert "whereruns,CSVsandfiguresgo(default:results/campaign)" in text
 
 
-# ================================================================ command line
+def test_the_config_block_is_a_valid_campaign():
+    config = config_of()
+    assert rx.config_errors(config) == []
+    assert config["output_dir"] == "results/campaign"
+    specs = rx.build_grid(config)
+    label = sum(t in nm.LABEL_NOISE_TYPES for t in config["noise_types"])
+    pixel = len(config["noise_types"]) - label
+    n_ps = len(config["ps"])
+    assert len(specs) == (len(config["activations"]) * config["repeats"]
+                          * (label * len(set(config["ps"] + config["extra_label_ps"])) + pixel * n_ps))
 
 
-CLI_SAMPLES = {
+CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
     "datasets": ("mnist,fashion_mnist", ["mnist", "fashion_mnist"]),
     "activations": ("gelu,leaky_relu", ["gelu", "leaky_relu"]),
     "model_types": ("cnn", ["cnn"]),
@@ -76,6 +94,8 @@ CLI_SAMPLES = {
     "ps": ("0,0.5", [0, 0.5]),
     "extra_label_ps": ("0.97", [0.97]),
     "repeats": ("7", 7),
+    "target_ci95": ("0.005", 0.005),
+    "max_repeats": ("20", 20),
     "epochs": ("3", 3),
     "batch_size": ("64", 64),
     "optimizer": ("sgd", "sgd"),
@@ -88,6 +108,7 @@ CLI_SAMPLES = {
     "max_workers": ("3", 3),
     "cpu_threads_per_worker": ("2", 2),
     "pin_cpus": ("no", False),
+    "allow_oversubscription": ("yes", True),
     "max_attempts": ("5", 5),
     "retry_failed": ("false", False),
     "use_cuda": ("true", True),
@@ -102,17 +123,7 @@ CLI_SAMPLES = {
 }
 
 
-def test_cli_samples_cover_every_config_name():
-    assert set(CLI_SAMPLES) == set(rx.CONFIG_NAMES)
-
-
-def test_stored_metrics_are_the_documented_ones():
-    assert set(rs.METRICS) == set(METRICS)
-    assert set(rs.HISTORY_METRICS) == {"test_loss", "test_accuracy", "test_ece", "test_mean_confidence",
-                                       *MEMORISATION, "validation_loss"}
-
-
-@pytest.mark.parametrize("name", sorted(CLI_SAMPLES))
+@pytest.mark.parametrize("name", rx.CONFIG_NAMES)  # a new config name needs a sample here
 @pytest.mark.parametrize("spelling", ["underscores", "dashes"])
 def test_every_config_name_can_be_overridden(name, spelling):
     text, expected = CLI_SAMPLES[name]
@@ -135,6 +146,24 @@ def test_lists_are_comma_separated():
     assert config["activations"] == ["relu", "tanh"]
     assert config_of("--ps", "0.25")["ps"] == [0.25]  # a single value is still a list
     assert config_of("--ps", "")["ps"] == []
+    assert config_of("--hidden_sizes", "8")["hidden_sizes"] == [8]
+
+
+def test_none_and_booleans_on_the_command_line():
+    assert config_of("--max_workers", "none")["max_workers"] is None
+    assert config_of("--max-train-samples", "None")["max_train_samples"] is None
+    assert config_of("--normalize", "yes")["normalize"] is True
+    assert config_of("--pin_cpus", "False")["pin_cpus"] is False
+
+
+def test_string_config_values_stay_strings():
+    """`--output_dir 2024` is the directory "2024", not the int 2024 (which Path() rejects);
+    loss corrections stay names, numeric lists stay numbers."""
+    assert config_of("--output_dir", "2024")["output_dir"] == "2024"
+    assert config_of("--data_dir", "2024")["data_dir"] == "2024"
+    assert config_of("--loss_corrections", "none")["loss_corrections"] == ["none"]
+    assert config_of("--loss-corrections", " forward , none ")["loss_corrections"] == ["forward", "none"]
+    assert config_of("--activations", "1")["activations"] == ["1"]  # (then rejected by validation)
 
 
 def test_smoke_preset_and_explicit_flags_override_it():
@@ -154,66 +183,240 @@ def test_smoke_preset_and_explicit_flags_override_it():
     assert config_of("--repeats", "3", "--smoke")["repeats"] == 3
 
 
-def test_dry_run_prints_grid_and_writes_nothing(mnist_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_an_unknown_flag_is_an_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as info:
+        rx.main(["--smoke", "--learningrate", "0.1"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --learningrate 0.1" in capsys.readouterr().err
+
+
+# ================================================================ validation
+
+
+def assert_rejected(argv, tmp_path, *expected_in_message) -> str:
+    """main() exits with 2, lists the problems on stderr (one "error: " line each), and writes
+    nothing anywhere."""
     out = tmp_path / "out"
-    argv = ["--dry-run", "--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out)]
-    assert rx.main(argv) == 0
-    printed = capsys.readouterr().out
-    specs = rx.build_grid(config_of(*argv))
-    assert len(specs) == 32
-    assert "32 runs in the grid" in printed
-    for spec in specs:
-        assert spec.run_id in printed
-    lines = [line for line in printed.splitlines() if line.split(" ")[0] in {s.run_id for s in specs}]
-    assert len(lines) == 32
-    assert "p=0.50" in printed and "seed=" in printed
+    argv = argv if "--output_dir" in argv else [*argv, "--output_dir", str(out)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, stderr = run_main(argv)
+    assert code == 2, stdout + stderr
+    assert stderr.splitlines() and all(line.startswith("error: ") for line in stderr.splitlines()), stderr
+    for text in expected_in_message:
+        assert text in stderr, f"{text!r} not in {stderr!r}"
+    assert stdout == ""
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # nothing at all in the working directory either
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return stderr
 
 
-def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
-    """One calibration per (model, pixel noise drawn or not, ...): pixel-noise runs at p = 0
-    draw no noise and go with the label-noise runs. Each run's estimate is epochs x (its
-    training samples / the kind's rate + the kind's other seconds per epoch)."""
-    calibrated = []
-    rates = {False: (1000.0, 2.0), True: (500.0, 3.0)}  # without, with pixel noise
-
-    def fake_calibrate(cfg):
-        calibrated.append(cfg.draws_pixel_noise)
-        return rates[cfg.draws_pixel_noise]
-
-    monkeypatch.setattr(rx, "calibrate", fake_calibrate)
-    specs = rx.build_grid(config_of("--smoke", "--epochs", "3", "--data_dir", str(mnist_dir)))
-    assert {(s.config.noise_type in nm.PIXEL_NOISE_TYPES, s.config.p) for s in specs} >= {(True, 0.0), (True, 0.5)}
-    estimates = rx.estimate_seconds(specs)
-    assert sorted(calibrated) == [False, True]
-    for spec, seconds in zip(specs, estimates):
-        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES and spec.config.p > 0]
-        assert seconds == pytest.approx(3 * (2000 / rate + other))
+ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
 
 
-@pytest.mark.parametrize("use_cuda, unit", [(False, "CPU-minutes (1 thread(s))"), (True, "minutes on the GPU")])
-def test_dry_run_estimate_names_its_unit(mnist_dir, monkeypatch, capsys, use_cuda, unit):
-    monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [90.0] * len(specs))
-    rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--use_cuda", str(use_cuda),
-                               "--max_workers", "1"))
-    printed = capsys.readouterr().out  # 32 runs x 90 s on 1 worker
-    assert f"Estimated per run: 1.5-1.5 {unit}; campaign wall time ~ 0.8 h (48 min) on 1 workers" in printed
+@pytest.mark.parametrize("argv, expected", [
+    (["--ps", "0,1.5"], ["ps: 1.5", "[0, 1]"]),
+    (["--ps", "-0.1"], ["ps: -0.1", "[0, 1]"]),
+    (["--ps=-0.1,0.5"], ["ps: -0.1", "[0, 1]"]),
+    (["--extra_label_ps", "1.01"], ["extra_label_ps: 1.01", "[0, 1]"]),
+    (["--ps", "nan"], ["ps: nan", "[0, 1]"]),
+    (["--ps", "inf"], ["ps: inf", "[0, 1]"]),
+    (["--ps", "half"], ["ps: 'half'", "[0, 1]"]),
+    (["--activations", "relu,swish"], ["activations: 'swish'", ALLOWED_ACTIVATIONS]),
+    (["--model_types", "rnn"], ["model_types: 'rnn'", "mlp, cnn"]),
+    (["--noise_types", "gaussian"], ["noise_types: 'gaussian'", "label_uniform, label_flip, label_pairflip, "
+                                                                "label_matrix, pixel_uniform, pixel_empirical"]),
+    (["--loss_corrections", "backward"], ["loss_corrections: 'backward'", "none, forward"]),
+    (["--loss_corrections", ""], ["loss_corrections is empty", "none, forward"]),
+    (["--validation_fraction", "0.6"], ["validation_fraction: 0.6", "[0, 0.5]"]),
+    (["--validation_fraction", "-0.1"], ["validation_fraction: -0.1", "[0, 0.5]"]),
+    (["--datasets", "cifar10"], ["datasets: 'cifar10'", "mnist, fashion_mnist"]),
+    (["--optimizer", "rmsprop"], ["optimizer: 'rmsprop'", "adam, sgd"]),
+    (["--precision", "float16"], ["precision: 'float16'", "float32, bfloat16"]),
+    (["--repeats", "0"], ["repeats: 0", "an integer >= 1"]),
+    (["--epochs", "0"], ["epochs: 0", "an integer >= 1"]),
+    (["--epochs", "1.5"], ["epochs: 1.5", "an integer >= 1"]),
+    (["--batch_size", "0"], ["batch_size: 0", "an integer >= 1"]),
+    (["--cpu_threads_per_worker", "0"], ["cpu_threads_per_worker: 0", "an integer >= 1"]),
+    (["--max_attempts", "0"], ["max_attempts: 0", "an integer >= 1"]),
+    (["--max_workers", "0"], ["max_workers: 0", "an integer >= 1 or None"]),
+    (["--max_train_samples", "0"], ["max_train_samples: 0", "an integer >= 1 or None"]),
+    (["--seed", "x"], ["seed: 'x'", "an integer"]),
+    (["--hidden_sizes", "16,abc"], ["hidden_sizes: [16, 'abc']", "a list of integers >= 1"]),
+    (["--hidden_sizes", "0"], ["hidden_sizes: [0]", "a list of integers >= 1"]),
+    (["--ps", ""], ["ps is empty", "[0, 1]"]),
+    (["--activations", ""], ["activations is empty", ALLOWED_ACTIVATIONS]),
+    (["--noise_types", ""], ["noise_types is empty"]),
+    (["--use_cuda", "true", "--max_workers", "2"], ["use_cuda=True needs max_workers=1", "got 2"]),
+    (["--max_workers", "none", "--use_cuda", "yes"], ["use_cuda=True needs max_workers=1", "got None"]),
+    (["--learning_rate", "0"], ["learning_rate: 0", "a number > 0"]),
+    (["--weight_decay", "-1"], ["weight_decay: -1", "a number >= 0"]),
+    (["--normalize", "maybe"], ["normalize: 'maybe'", "true or false"]),
+    (["--pin_cpus", "2"], ["pin_cpus: 2", "true or false"]),
+    (["--executor", "spark"], ["executor: 'spark'", "local, dask"]),
+    (["--executor", "dask"], ["dask_scheduler: None is not a scheduler address", "tcp://HOST:8786"]),
+    (["--executor", "dask", "--dask_scheduler", "localhost:8786"], ["dask_scheduler: 'localhost:8786'",
+                                                                    "tcp://HOST:8786", "tls://HOST:8786"]),
+    (["--executor", "dask", "--dask_scheduler", "tcp://host"], ["dask_scheduler: 'tcp://host'", "tcp://HOST:8786"]),
+    (["--activations", "relu,tanh,relu"], ["activations: 'relu' appears more than once"]),
+    (["--ps", "0,0.5,0.5"], ["ps: 0.5 appears more than once"]),
+    (["--max_train_samples", "60001"], ["max_train_samples: 60001 is more than the 60000 training examples of mnist",
+                                        "at most 60000, or None"]),
+    (["--repeats", "1000000"], ["the grid has 16,000,000 runs, more than 1,000,000"]),
+])
+def test_invalid_values_are_rejected_before_anything_is_written(argv, expected, mnist_dir, tmp_path):
+    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), *argv], tmp_path, *expected)
 
 
-def test_calibrate_splits_training_from_the_rest(mnist_dir):
-    rate, other_seconds = rx.calibrate(nm.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform"))
-    assert rate > 0 and other_seconds > 0
+def test_every_problem_is_listed_at_once(mnist_dir, tmp_path):
+    err = assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--ps", "2", "--activations", "swish",
+                           "--repeats", "0"], tmp_path, "ps: 2", "'swish'", "repeats: 0")
+    assert len(err.splitlines()) == 3
 
 
-def test_string_config_values_stay_strings(mnist_dir, tmp_path, monkeypatch, capsys):
-    """`--output_dir 2024` is the directory "2024", not the int 2024 (which Path() rejects)."""
-    assert config_of("--output_dir", "2024")["output_dir"] == "2024"
-    assert config_of("--data_dir", "2024")["data_dir"] == "2024"
-    monkeypatch.chdir(tmp_path)
-    assert rx.main(["--dry-run", "--smoke", "--data_dir", str(mnist_dir), "--output_dir", "2024"]) == 0
-    assert "output_dir=2024" in capsys.readouterr().out
+@pytest.mark.parametrize("name", ["output_dir", "data_dir"])
+def test_empty_paths_are_rejected(name, mnist_dir, tmp_path):
+    argv = ["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(tmp_path / "out"), f"--{name}", " "]
+    assert_rejected(argv, tmp_path, f"{name}: ' ' is not a non-empty path")
+
+
+def test_more_threads_than_twice_the_cpus_needs_allow_oversubscription(mnist_dir, tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    too_many = ["--smoke", "--data_dir", str(mnist_dir), "--max_workers", str(cpus + 1),
+                "--cpu_threads_per_worker", "2", "--output_dir", str(tmp_path / "out")]
+    assert_rejected(too_many, tmp_path, f"max_workers x cpu_threads_per_worker = {2 * cpus + 2} threads on "
+                                        f"{cpus} CPUs", "allow_oversubscription = True")
+    rx.validate(config_of(*too_many, "--allow_oversubscription", "true"))
+    rx.validate(config_of(*too_many[:4], str(cpus)))  # twice the CPUs is still fine
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device here")
+def test_use_cuda_without_a_cuda_device_is_rejected(mnist_dir, tmp_path):
+    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--use_cuda", "true", "--max_workers", "1"],
+                    tmp_path, "use_cuda=True but torch sees no CUDA device")
+
+
+def test_output_dir_under_a_regular_file(mnist_dir, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    err = assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out)], tmp_path,
+                          "output_dir", str(out), "is not a directory")
+    assert str(blocker) in err
+    assert blocker.read_text() == "not a directory"
+    # deeper below the file too, and the output dir being the file itself
+    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out / "a" / "b")],
+                    tmp_path, "is not a directory")
+    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(blocker)],
+                    tmp_path, "is not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500")
+def test_output_dir_without_write_permission(mnist_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(locked / "out")],
+                        tmp_path, "not writable", str(locked))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_missing_data_names_the_four_files(tmp_path, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("no_mnist_here")
+    err = assert_rejected(["--smoke", "--data_dir", str(empty)], tmp_path, "data_dir", str(empty))
+    for name in nm.IDX_FILES.values():
+        assert name in err
+    assert "download failed" in err  # offline: torchvision's download was tried and failed
+
+
+def test_with_the_dask_executor_the_data_are_the_workers_business(tmp_path):
+    config = config_of("--smoke", "--executor", "dask", "--dask_scheduler", "tcp://127.0.0.1:8786",
+                       "--data_dir", str(tmp_path / "only-on-the-workers"), "--output_dir", str(tmp_path / "out"))
+    rx.validate(config)  # no error: this machine need not have the data
+
+
+def test_validate_raises_config_error_listing_every_problem():
+    with pytest.raises(rx.ConfigError) as info:
+        rx.validate(config_of("--smoke", "--ps", "1.5", "--epochs", "0"))
+    assert isinstance(info.value, ValueError)
+    assert sorted(info.value.args[0]) == ["epochs: 0 is not an integer >= 1", "ps: 1.5 is not a number in [0, 1]"]
+
+
+# ---------------------------------------------------------------- the noise matrix of label_matrix
+
+
+def matrix_argv(mnist_dir, tmp_path, *extra: str) -> list[str]:
+    return ["--smoke", "--noise_types", "label_matrix", "--data_dir", str(mnist_dir),
+            "--output_dir", str(tmp_path / "out"), *extra]
+
+
+def write_json(tmp_path, name, matrix) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(matrix))
+    return str(path)
+
+
+def compact_json(matrix) -> str:
+    return json.dumps(matrix, separators=(",", ":")).replace(".0,", ",").replace(".0]", "]")
+
+
+def test_label_matrix_without_noise_matrix_is_rejected(mnist_dir, tmp_path):
+    assert_rejected(matrix_argv(mnist_dir, tmp_path), tmp_path, "label_matrix", "noise_matrix is None",
+                    "row-stochastic")
+    # without label_matrix in the grid, no matrix is needed
+    assert rx.config_errors(config_of("--smoke")) == []
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (HALF_NEXT[:9], ["noise_matrix", "10x10", "(9, 10)"]),
+    ([[2.0, -1.0] + [0.0] * 8] + IDENTITY[1:], ["noise_matrix", "negative"]),
+    ([[0.5] * 10] + IDENTITY[1:], ["noise_matrix", "row 0 sums to 5", "sum to 1"]),
+])
+@pytest.mark.parametrize("given_as", ["file", "text"])
+def test_bad_noise_matrix_is_rejected_naming_the_problem(bad, expected, given_as, mnist_dir, tmp_path):
+    value = write_json(tmp_path, "bad.json", bad) if given_as == "file" else compact_json(bad)
+    assert_rejected(matrix_argv(mnist_dir, tmp_path, "--noise_matrix", value), tmp_path, *expected)
+
+
+@pytest.mark.parametrize("value", ["[[1, 0], [0", "5", "x" * 300], ids=["broken-json", "number", "long-text"])
+def test_noise_matrix_that_is_neither_a_matrix_nor_a_file_is_rejected(value, mnist_dir, tmp_path):
+    assert_rejected(matrix_argv(mnist_dir, tmp_path, "--noise_matrix", value), tmp_path, "noise_matrix: ")
+
+
+def test_missing_noise_matrix_file_is_named_in_the_error(mnist_dir, tmp_path):
+    missing = str(tmp_path / "no_such_matrix.json")
+    assert_rejected(matrix_argv(mnist_dir, tmp_path, "--noise_matrix", missing), tmp_path, "noise_matrix", missing,
+                    "neither JSON text", "nor an existing .json file")
+
+
+def test_noise_matrix_from_a_json_file_and_from_json_text(mnist_dir, tmp_path):
+    path = write_json(tmp_path, "next.json", NEXT)
+    text = compact_json(NEXT)
+    assert json.loads(text) == NEXT
+    grids = []
+    for value in (path, text):
+        config = config_of(*matrix_argv(mnist_dir, tmp_path, "--noise_matrix", value,
+                                        "--loss_corrections", "none,forward"))
+        assert config["noise_matrix"] == value  # kept as given; parsed when the grid is built
+        assert config["loss_corrections"] == ["none", "forward"]
+        assert rx.config_errors(config) == []
+        grids.append(rx.build_grid(config))
+    from_file, from_text = grids
+    assert len(from_file) == 2 * 2 * 2 * 2  # activations x ps x repeats x corrections
+    assert all(s.config.noise_matrix == as_tuples(NEXT) for s in from_file)
+    # the same matrix, however given, is the same run
+    assert [s.run_id for s in from_file] == [s.run_id for s in from_text]
+    assert [s.config for s in from_file] == [s.config for s in from_text]
+    # ...and another matrix is another run
+    other = rx.build_grid({**config_of(*matrix_argv(mnist_dir, tmp_path)), "noise_matrix": HALF_NEXT})
+    assert {s.run_id for s in other}.isdisjoint(s.run_id for s in from_file)
+
+
+def test_long_noise_matrix_json_text_is_accepted(mnist_dir, tmp_path):
+    text = json.dumps(HALF_NEXT)  # what json.dumps / a person writes: ~540 characters
+    assert len(text) > 255  # longer than a file name may be
+    config = config_of(*matrix_argv(mnist_dir, tmp_path, "--noise_matrix", text))
+    assert rx.config_errors(config) == []
+    assert {s.config.noise_matrix for s in rx.build_grid(config)} == {as_tuples(HALF_NEXT)}
 
 
 # ================================================================ grid
@@ -259,8 +462,20 @@ def test_grid_size(overrides):
             assert spec.config.p in set(config["ps"]) | set(config["extra_label_ps"])
             assert spec.config.loss_correction in config["loss_corrections"]
         # the matrix travels with label_matrix runs only
-        expected_matrix = tuple(map(tuple, HALF_NEXT)) if spec.config.noise_type == "label_matrix" else None
+        expected_matrix = as_tuples(HALF_NEXT) if spec.config.noise_type == "label_matrix" else None
         assert spec.config.noise_matrix == expected_matrix
+
+
+def test_grid_cells_carry_the_campaign_settings():
+    config = grid_config(epochs=3, batch_size=64, optimizer="sgd", learning_rate=0.05, weight_decay=1e-4,
+                         hidden_sizes=[32, 8], normalize=False, max_train_samples=700, cpu_threads_per_worker=2,
+                         data_dir="/d", validation_fraction=0.1, precision="bfloat16")
+    for spec in rx.build_grid(config):
+        cfg = spec.config
+        assert (cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.hidden_sizes,
+                cfg.normalize, cfg.max_train_samples, cfg.cpu_threads, cfg.data_dir, cfg.validation_fraction,
+                cfg.precision) == (3, 64, "sgd", 0.05, 1e-4, (32, 8), False, 700, 2, "/d", 0.1, "bfloat16")
+        assert spec.run_id == rx.run_key(cfg)
 
 
 def test_extra_label_ps_only_for_label_noise():
@@ -290,13 +505,19 @@ def test_repeat_seeds_are_paired_across_p_and_noise():
     assert other.isdisjoint(per_repeat)
 
 
-def test_grid_is_reproducible():
+def test_grid_is_reproducible_in_another_process():
     config = grid_config(noise_types=list(nm.NOISE_TYPES), repeats=3)
     first = [(s.run_id, s.repeat, s.config) for s in rx.build_grid(config)]
-    second = [(s.run_id, s.repeat, s.config) for s in rx.build_grid(dict(config))]
-    assert first == second
-    # and independent of the order of the other lists' contents? at least of the process: ids are hashes
+    assert first == [(s.run_id, s.repeat, s.config) for s in rx.build_grid(dict(config))]
     assert all(len(run_id) == 16 and int(run_id, 16) >= 0 for run_id, _, _ in first)
+    # run ids are hashes, not Python's per-process string hashes
+    code = ("import json, sys, run_experiments as rx\n"
+            "config = json.loads(sys.argv[1])\n"
+            "print(' '.join(s.run_id for s in rx.build_grid(config)))\n")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [run_id for run_id, _, _ in first]
 
 
 def test_run_key_ignores_threads_and_paths_but_not_results_fields():
@@ -305,25 +526,45 @@ def test_run_key_ignores_threads_and_paths_but_not_results_fields():
     assert rx.run_key(dataclasses.replace(base)) == key
     assert rx.run_key(dataclasses.replace(base, cpu_threads=4)) == key
     assert rx.run_key(dataclasses.replace(base, data_dir="/elsewhere/data")) == key
+    matrix_run = dataclasses.replace(base, noise_type="label_matrix", noise_matrix=as_tuples(HALF_NEXT))
     changed = [dataclasses.replace(base, p=0.4), dataclasses.replace(base, seed=6),
                dataclasses.replace(base, epochs=3), dataclasses.replace(base, max_train_samples=None),
                dataclasses.replace(base, activation="tanh"), dataclasses.replace(base, noise_type="label_flip"),
                dataclasses.replace(base, hidden_sizes=(64,)), dataclasses.replace(base, learning_rate=0.01),
+               dataclasses.replace(base, batch_size=64), dataclasses.replace(base, optimizer="sgd"),
+               dataclasses.replace(base, weight_decay=1e-4), dataclasses.replace(base, normalize=False),
+               dataclasses.replace(base, dataset="fashion_mnist"), dataclasses.replace(base, model_type="cnn"),
+               dataclasses.replace(base, use_cuda=True),
                dataclasses.replace(base, loss_correction="forward"),
                dataclasses.replace(base, validation_fraction=0.1),
+               dataclasses.replace(base, validation_fraction=0.2),
                dataclasses.replace(base, precision="bfloat16"),
-               dataclasses.replace(base, noise_type="label_matrix", noise_matrix=tuple(map(tuple, HALF_NEXT)))]
+               matrix_run, dataclasses.replace(matrix_run, noise_matrix=as_tuples(NEXT))]
     keys = [rx.run_key(c) for c in changed]
     assert key not in keys
     assert len(set(keys)) == len(keys)
+    # every field but the threads and the data path is in some variant above
+    varied = {f.name for f in dataclasses.fields(nm.TrainConfig)
+              if any(getattr(c, f.name) != getattr(base, f.name) for c in changed)}
+    assert varied == {f.name for f in dataclasses.fields(nm.TrainConfig)} - {"cpu_threads", "data_dir"}
 
 
 def test_grid_run_ids_do_not_depend_on_threads_or_data_dir():
     config = grid_config()
     ids = [s.run_id for s in rx.build_grid(config)]
-    assert ids == [s.run_id for s in rx.build_grid({**config, "cpu_threads_per_worker": 2,
-                                                             "data_dir": "/other"})]
+    assert ids == [s.run_id for s in rx.build_grid({**config, "cpu_threads_per_worker": 2, "data_dir": "/other"})]
     assert ids != [s.run_id for s in rx.build_grid({**config, "epochs": 2})]
+
+
+def test_grid_run_ids_do_not_depend_on_how_numbers_are_written():
+    """`0` or `0.0`, `1` or `1.0` in the config block or on the command line: the same runs."""
+    as_floats = grid_config(ps=[0.0, 1.0], extra_label_ps=[], learning_rate=1.0, weight_decay=0.0,
+                            validation_fraction=0.0)
+    as_ints = grid_config(ps=[0, 1], extra_label_ps=[], learning_rate=1, weight_decay=0, validation_fraction=0)
+    assert [s.run_id for s in rx.build_grid(as_ints)] == [s.run_id for s in rx.build_grid(as_floats)]
+    cli = config_of("--smoke", "--ps", "0,1", "--learning_rate", "1", "--weight_decay", "0")
+    assert [s.run_id for s in rx.build_grid({**cli, "noise_matrix": HALF_NEXT})] == \
+        [s.run_id for s in rx.build_grid(grid_config(ps=[0.0, 1.0], learning_rate=1.0))]
 
 
 def test_grid_runs_train_in_the_configured_precision():
@@ -333,255 +574,101 @@ def test_grid_runs_train_in_the_configured_precision():
     assert not {s.run_id for s in default} & {s.run_id for s in mixed}  # never resumed as each other
 
 
-# ================================================================ validation
+# ================================================================ dry run
 
 
-def assert_rejected(argv, tmp_path, capsys, *expected_in_message):
+def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert rx.main([*argv, "--output_dir", str(out)] if "--output_dir" not in argv else argv) == 2
-    captured = capsys.readouterr()
-    assert "invalid campaign configuration" in captured.err
-    for text in expected_in_message:
-        assert text in captured.err, f"{text!r} not in {captured.err!r}"
-    assert captured.out == ""
+    argv = ["--dry-run", "--smoke", "--hidden_sizes", "16", "--max_workers", "2", "--data_dir", str(mnist_dir),
+            "--output_dir", str(out)]
+    code, printed, _ = run_main(argv)
+    assert code == 0
+    specs = rx.build_grid(config_of(*argv))
+    assert len(specs) == 32
+    assert printed.startswith(f"32 runs: 1 datasets x 1 model_types x 2 activations x 4 noise_types x p values "
+                              f"x 2 repeats; 2 workers x 1 threads; output_dir={out}\n")
+    assert "Estimated wall time " in printed and " on 2 workers (" in printed
+    assert not any(spec.run_id in printed for spec in specs)  # the runs are listed on request only
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    return captured.err
+    assert list(tmp_path.iterdir()) == []  # nothing at all in the working directory either
+
+    code, printed, _ = run_main([*argv, "--list"])
+    assert code == 0
+    listed = [line for line in printed.splitlines() if line.split(" ")[0] in {s.run_id for s in specs}]
+    assert len(listed) == 32
+    for spec, line in zip(specs, listed):
+        cfg = spec.config
+        assert line == (f"{spec.run_id} mnist mlp/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
+                        f"repeat={spec.repeat} seed={cfg.seed} epochs=1")
+    assert list(tmp_path.iterdir()) == []
 
 
-ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
+def test_dry_run_of_an_invalid_config_is_rejected(mnist_dir, tmp_path):
+    assert_rejected(["--dry-run", "--smoke", "--data_dir", str(mnist_dir), "--ps", "7"], tmp_path, "ps: 7")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--ps", "0,1.5"], ["ps: 1.5", "[0, 1]"]),
-    (["--ps", "-0.1"], ["ps: -0.1", "[0, 1]"]),
-    (["--ps=-0.1,0.5"], ["ps: -0.1", "[0, 1]"]),
-    (["--extra_label_ps", "1.01"], ["extra_label_ps: 1.01", "[0, 1]"]),
-    (["--ps", "nan"], ["ps: nan", "[0, 1]"]),
-    (["--activations", "relu,swish"], ["'swish'", ALLOWED_ACTIVATIONS]),
-    (["--model_types", "rnn"], ["'rnn'", "mlp, cnn"]),
-    (["--noise_types", "gaussian"], ["'gaussian'", "label_uniform, label_flip, label_pairflip, label_matrix, "
-                                                   "pixel_uniform, pixel_empirical"]),
-    (["--loss_corrections", "backward"], ["loss_corrections: 'backward'", "none, forward"]),
-    (["--loss_corrections", ""], ["loss_corrections is empty", "none, forward"]),
-    (["--validation_fraction", "0.6"], ["validation_fraction: 0.6", "[0, 0.5]"]),
-    (["--validation_fraction", "-0.1"], ["validation_fraction: -0.1", "[0, 0.5]"]),
-    (["--datasets", "cifar10"], ["'cifar10'", "mnist, fashion_mnist"]),
-    (["--optimizer", "rmsprop"], ["'rmsprop'", "adam, sgd"]),
-    (["--precision", "float16"], ["precision: 'float16'", "float32, bfloat16"]),
-    (["--repeats", "0"], ["repeats: 0", "integer >= 1"]),
-    (["--epochs", "0"], ["epochs: 0", "integer >= 1"]),
-    (["--epochs", "1.5"], ["epochs: 1.5", "integer >= 1"]),
-    (["--max_workers", "0"], ["max_workers: 0", "integer >= 1 or None"]),
-    (["--ps", ""], ["ps is empty"]),
-    (["--activations", ""], ["activations is empty", ALLOWED_ACTIVATIONS]),
-    (["--noise_types", ""], ["noise_types is empty"]),
-    (["--use_cuda", "true", "--max_workers", "2"], ["use_cuda=True needs max_workers=1", "got 2"]),
-    (["--learning_rate", "0"], ["learning_rate: 0"]),
-    (["--normalize", "maybe"], ["normalize: 'maybe'", "true or false"]),
-    (["--executor", "spark"], ["executor: 'spark'", "local, dask"]),
-    (["--executor", "dask"], ["executor='dask' needs dask_scheduler"]),
-])
-def test_invalid_values_are_rejected_before_anything_is_written(argv, expected, mnist_dir, tmp_path, capsys):
-    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), *argv], tmp_path, capsys, *expected)
+def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
+    """One calibration per (model, pixel noise drawn or not, ...): pixel-noise runs at p = 0
+    draw no noise and go with the label-noise runs. Each run's estimate is epochs x (its
+    training samples / the kind's rate + the kind's other seconds per epoch)."""
+    calibrated = []
+    rates = {False: (1000.0, 2.0), True: (500.0, 3.0)}  # without, with pixel noise
+
+    def fake_calibrate(cfg):
+        calibrated.append(cfg.draws_pixel_noise)
+        return rates[cfg.draws_pixel_noise]
+
+    monkeypatch.setattr(rx, "calibrate", fake_calibrate)
+    specs = rx.build_grid(config_of("--smoke", "--epochs", "3", "--data_dir", str(mnist_dir)))
+    assert {(s.config.noise_type in nm.PIXEL_NOISE_TYPES, s.config.p) for s in specs} >= {(True, 0.0), (True, 0.5)}
+    estimates = rx.estimate_seconds(specs)
+    assert sorted(calibrated) == [False, True]
+    for spec, seconds in zip(specs, estimates):
+        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES and spec.config.p > 0]
+        assert seconds == pytest.approx(3 * (2000 / rate + other))
+    # all samples: the dataset's size
+    full = rx.build_grid(config_of("--smoke", "--max_train_samples", "none", "--data_dir", str(mnist_dir)))
+    assert rx.estimate_seconds(full[:1]) == [pytest.approx(60_000 / 1000.0 + 2.0)]
 
 
-def test_every_problem_is_listed_at_once(mnist_dir, tmp_path, capsys):
-    err = assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--ps", "2", "--activations", "swish",
-                           "--repeats", "0"], tmp_path, capsys, "ps: 2", "'swish'", "repeats: 0")
-    assert err.count("\n  - ") == 3
+@pytest.mark.parametrize("use_cuda, where", [(False, "on 1 thread(s)"), (True, "on the GPU")])
+def test_dry_run_estimate_line(mnist_dir, monkeypatch, capsys, use_cuda, where):
+    monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [120.0] * len(specs))
+    rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--use_cuda", str(use_cuda),
+                               "--max_workers", "1"))
+    printed = capsys.readouterr().out  # 32 runs x 2 min on 1 worker
+    assert f"Estimated wall time 64 min on 1 workers (2 min to 2 min per run {where}); peak memory at most " in printed
 
 
-def test_output_dir_under_a_regular_file(mnist_dir, tmp_path, capsys):
-    blocker = tmp_path / "afile"
-    blocker.write_text("not a directory")
-    out = blocker / "out"
-    err = assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out)], tmp_path, capsys,
-                          "output_dir", str(out), "is not a directory")
-    assert str(blocker) in err
-    assert blocker.read_text() == "not a directory"
-    # deeper below the file too, and the output dir being the file itself
-    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out / "a" / "b")],
-                    tmp_path, capsys, "is not a directory")
-    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(blocker)],
-                    tmp_path, capsys, "is not a directory")
+def test_dry_run_wall_time_is_at_least_the_longest_run(mnist_dir, monkeypatch, capsys):
+    monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [30.0] * (len(specs) - 1) + [4 * 3600.0])
+    rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--max_workers", "32"))
+    assert "Estimated wall time 4.0 h on 32 workers (30 s to 4.0 h per run" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500")
-def test_output_dir_without_write_permission(mnist_dir, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(locked / "out")],
-                        tmp_path, capsys, "not writable")
-    finally:
-        locked.chmod(0o700)
+def test_calibrate_splits_training_from_the_rest(mnist_dir):
+    rate, other_seconds = rx.calibrate(nm.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform", p=0.5,
+                                                      hidden_sizes=(16,)))
+    assert rate > 0 and other_seconds > 0
 
 
-def test_missing_data_names_the_four_files(tmp_path, tmp_path_factory, capsys):
-    empty = tmp_path_factory.mktemp("no_mnist_here")
-    err = assert_rejected(["--smoke", "--data_dir", str(empty)], tmp_path, capsys, "data_dir", str(empty))
-    for name in IDX_NAMES:
-        assert name in err
-    assert "download failed" in err  # offline: torchvision's download was tried and failed
+def test_dry_run_with_a_numeric_output_dir(mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [1.0] * len(specs))
+    code, printed, _ = run_main(["--dry-run", "--smoke", "--data_dir", str(mnist_dir), "--output_dir", "2024"])
+    assert code == 0 and "output_dir=2024" in printed
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_use_cuda_with_default_workers_is_rejected(mnist_dir, tmp_path, capsys):
-    assert_rejected(["--smoke", "--data_dir", str(mnist_dir), "--max_workers", "none", "--use_cuda", "yes"],
-                    tmp_path, capsys, "use_cuda=True needs max_workers=1")
-
-
-def test_validate_raises_config_error():
-    config = config_of("--smoke", "--ps", "1.5")
-    with pytest.raises(rx.ConfigError, match=r"ps: 1\.5"):
-        rx.validate(config)
-    assert isinstance(rx.ConfigError("x"), ValueError)
-
-
-# ================================================================ statistics
-
-
-def expected_stats(values: pd.Series) -> dict:
-    values = values.astype(float).dropna()  # a metric a run does not have (NaN) is not counted
-    n = len(values)
-    mean = values.mean()
-    if n < 2:
-        return {"mean": mean, "std": math.nan, "stderr": math.nan, "ci95_low": math.nan, "ci95_high": math.nan}
-    std = values.std(ddof=1)
-    stderr = std / math.sqrt(n)
-    half = stats.t.ppf(0.975, n - 1) * stderr  # (a constant metric: a CI of width 0 at the mean)
-    return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) -> int:
-    """Recompute every summary statistic with pandas/scipy from the per-run table."""
-    ok = per_run[per_run["status"] == "ok"].copy()
-    ok["max_train_samples"] = pd.to_numeric(ok["max_train_samples"]).astype("Float64").fillna(-1).astype(float)
-    summary = summary.copy()
-    summary["max_train_samples"] = pd.to_numeric(summary["max_train_samples"]).astype("Float64").fillna(-1).astype(float)
-    for table in (ok, summary):  # no noise matrix (every type but label_matrix) is a group too
-        table["noise_matrix"] = table["noise_matrix"].astype(object).where(table["noise_matrix"].notna(), "")
-    groups = ok.groupby(rs.GROUP_FIELDS, sort=True)
-    assert len(summary) == groups.ngroups
-    # one summary row per group: the group keys are unique
-    assert not summary.duplicated(rs.GROUP_FIELDS).any()
-    summary = summary.set_index(rs.GROUP_FIELDS)
-    for key, runs in groups:
-        row = summary.loc[key]
-        assert row["n"] == len(runs)
-        for metric in METRICS:
-            for stat, value in expected_stats(runs[metric]).items():
-                got = row[f"{metric}_{stat}"]
-                if math.isnan(value):
-                    assert math.isnan(got), (key, metric, stat)
-                else:
-                    assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (key, metric, stat)
-    return groups.ngroups
-
-
-def fake_record(run_id, *, p=0.0, epochs=1, max_train_samples=1000, activation="relu", repeat=0,
-                status="ok", accuracy=0.9, loss=0.5):
-    record = {"run_id": run_id, "repeat": repeat, "status": status, "error": "" if status == "ok" else "boom",
-              "attempts": 1, "finished_at": "2024-01-01T00:00:00+00:00",
-              "dataset": "mnist", "model_type": "mlp", "activation": activation, "hidden_sizes": "256-128",
-              "noise_type": "label_flip", "p": p, "epochs": epochs, "batch_size": 128, "optimizer": "adam",
-              "learning_rate": 0.001, "weight_decay": 0.0, "normalize": True,
-              "max_train_samples": max_train_samples, "use_cuda": False, "seed": 100 + repeat,
-              "cpu_threads": 1, "data_dir": "data", "noise_matrix": None, "loss_correction": "none",
-              "validation_fraction": 0.0, "precision": "float32"}
-    if status == "ok":
-        record.update(test_accuracy=accuracy, test_loss=loss, test_macro_precision=accuracy - 0.01,
-                      test_macro_recall=accuracy - 0.02, test_macro_roc_auc=0.99, train_loss=loss + 0.1,
-                      test_ece=loss / 10, test_mean_confidence=accuracy + 0.05,
-                      memorised_fraction=p * loss / 4, corrupted_true_fraction=1 - p * loss / 4,
-                      clean_train_accuracy=accuracy + 0.01,
-                      seconds=1.0 + repeat, n_params=1000, history_test_loss=[loss] * epochs,
-                      history_test_accuracy=[accuracy] * epochs, history_test_ece=[loss / 10] * epochs,
-                      reliability={"count": [0.0] * 13 + [100.0 * (1 + repeat), 900.0],
-                                   "confidence": [math.nan] * 13 + [0.9, 0.97],
-                                   "accuracy": [math.nan] * 13 + [accuracy, accuracy]})
-    return record
-
-
-@pytest.fixture
-def hand_records():
-    rng = np.random.default_rng(0)
-    records = []
-    def add(count, **kw):
-        for r in range(count):
-            records.append(fake_record(f"{len(records):016x}", repeat=r, accuracy=float(rng.uniform(0.5, 1)),
-                                       loss=float(rng.uniform(0.1, 2)), **kw))
-    add(3, p=0.0)                                        # group A, n = 3
-    add(1, p=0.5)                                        # n = 1: std, stderr and CI are NaN
-    add(2, p=0.0, epochs=2)                              # like A but 2 epochs: a group of its own
-    add(2, p=0.0, max_train_samples=2000)                # like A but more samples
-    add(4, p=0.0, max_train_samples=None)                # all samples (None) is a group too
-    add(2, p=0.0, activation="tanh")
-    records.append(fake_record("f" * 16, p=0.0, repeat=3, status="failed"))  # never pooled into A
-    return records
-
-
-def test_summary_statistics_on_hand_built_records(hand_records):
-    per_run = rs.per_run_table(hand_records)
-    assert len(per_run) == len(hand_records)
-    summary = rs.summary_table(per_run)
-    assert check_summary_against_per_run(per_run, summary) == 6
-    assert sorted(summary["n"]) == [1, 2, 2, 2, 3, 4]
-    # spot check group A by hand (the failed run is left out)
-    a = [r for r in hand_records[:3]]
-    acc = np.array([r["test_accuracy"] for r in a])
-    row = summary[(summary["p"] == 0.0) & (summary["epochs"] == 1) & (summary["max_train_samples"] == 1000)
-                  & (summary["activation"] == "relu")].iloc[0]
-    assert row["n"] == 3
-    assert row["test_accuracy_mean"] == pytest.approx(acc.mean())
-    assert row["test_accuracy_std"] == pytest.approx(acc.std(ddof=1))
-    assert row["test_accuracy_stderr"] == pytest.approx(acc.std(ddof=1) / math.sqrt(3))
-    half = stats.t.ppf(0.975, 2) * acc.std(ddof=1) / math.sqrt(3)
-    assert row["test_accuracy_ci95_low"] == pytest.approx(acc.mean() - half)
-    assert row["test_accuracy_ci95_high"] == pytest.approx(acc.mean() + half)
-    single = summary[summary["p"] == 0.5].iloc[0]
-    assert single["n"] == 1 and single["test_accuracy_mean"] == pytest.approx(hand_records[3]["test_accuracy"])
-    assert math.isnan(single["test_accuracy_std"]) and math.isnan(single["test_accuracy_ci95_low"])
-    full = summary[summary["max_train_samples"].isna()]
-    assert list(full["n"]) == [4]
-
-
-def test_summary_never_pools_different_epochs_or_sample_counts(hand_records):
-    summary = rs.summary_table(rs.per_run_table(hand_records))
-    relu0 = summary[(summary["activation"] == "relu") & (summary["p"] == 0.0)]
-    assert len(relu0) == 4
-    combos = {(int(e), None if pd.isna(m) else int(m), int(n))
-              for e, m, n in zip(relu0["epochs"], relu0["max_train_samples"], relu0["n"])}
-    assert combos == {(1, 1000, 3), (2, 1000, 2), (1, 2000, 2), (1, None, 4)}
-
-
-def test_summary_roundtrips_through_csv(hand_records, tmp_path):
-    paths = rs.write_csvs(hand_records, tmp_path)
-    per_run = pd.read_csv(paths["results_per_run.csv"])
-    summary = pd.read_csv(paths["results_summary.csv"])
-    assert check_summary_against_per_run(per_run, summary) == 6
-    history = pd.read_csv(paths["results_history.csv"])
-    ok = [r for r in hand_records if r["status"] == "ok"]
-    assert len(history) == sum(r["epochs"] for r in ok)
-    assert list(history.columns) == rs.RUN_KEYS + ["epoch"] + rs.HISTORY_METRICS
-    assert np.allclose(history["test_ece"], [r["test_loss"] / 10 for r in ok for _ in range(r["epochs"])])
-    assert history["validation_loss"].isna().all()  # no record has it
-    reliability = pd.read_csv(paths["results_reliability.csv"])
-    assert list(reliability.columns) == rs.RUN_KEYS + ["bin", "count", "confidence", "accuracy"]
-    assert len(reliability) == 15 * len(ok)
-    assert (reliability.groupby("run_id")["bin"].apply(list) == [list(range(15))] * len(ok)).all()
-    counts = reliability.groupby("run_id")["count"].sum()
-    assert counts.to_dict() == {r["run_id"]: 1000 + 100 * r["repeat"] for r in ok}
-
-
-# ================================================================ end to end on real MNIST
+# ================================================================ a whole campaign on real MNIST
 
 
 @pytest.fixture(scope="module")
-def smoke(warm, tmp_path_factory):
+def smoke(mnist, mnist_dir, tmp_path_factory):
+    """`--smoke` as a user runs it (32 runs on 2000 samples, 1 epoch), with figures."""
     out = tmp_path_factory.mktemp("smoke") / "results"
-    argv = ["--smoke", "--max_workers", "2", "--data_dir", str(warm), "--output_dir", str(out)]
+    argv = ["--smoke", "--max_workers", "2", "--data_dir", str(mnist_dir), "--output_dir", str(out)]
     code, stdout, stderr = run_main(argv)
     return {"code": code, "out": out, "stdout": stdout, "stderr": stderr, "argv": argv,
             "specs": rx.build_grid(config_of(*argv)), "config": config_of(*argv)}
@@ -592,21 +679,15 @@ def test_smoke_campaign_end_to_end(smoke):
     assert smoke["code"] == 0, smoke["stdout"] + smoke["stderr"]
     out, specs, config = smoke["out"], smoke["specs"], smoke["config"]
     assert len(specs) == 32
-    assert "32 runs in the grid, 0 already done, 32 to run on 2 workers" in smoke["stdout"]
-    assert "Done: 32 ok, 0 failed, 0 pending" in smoke["stdout"]
-    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(s.run_id for s in specs)
+    assert sorted(run_files(out)) == sorted(s.run_id for s in specs)
 
-    per_run = pd.read_csv(out / "results_per_run.csv")
+    per_run = rs.read_csv(out / rs.PER_RUN_CSV)
     assert len(per_run) == 32
     assert sorted(per_run["run_id"]) == sorted(s.run_id for s in specs)
-    assert (per_run["status"] == "ok").all()
+    assert (per_run["status"] == "ok").all() and (per_run["attempts"] == 1).all()
     assert per_run["error"].isna().all()
-    expected_columns = {"run_id", "repeat", "status", "error", "attempts", "finished_at", "dataset", "model_type",
-                        "activation", "hidden_sizes", "noise_type", "p", "epochs", "batch_size", "optimizer",
-                        "learning_rate", "weight_decay", "normalize", "max_train_samples", "seed", "n_params",
-                        "precision", *METRICS}
-    assert expected_columns <= set(per_run.columns)
-    assert not any(c.startswith("history_") for c in per_run.columns)
+    assert set(rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + nm.METRICS) == set(per_run.columns)
+    assert sorted(ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST) == sorted(nm.METRICS)  # each checked below
     assert (per_run["max_train_samples"] == 2000).all() and (per_run["epochs"] == 1).all()
     assert per_run["test_accuracy"].between(0.3, 1).all()  # 2000 samples, 1 epoch: clearly learned
     assert np.isfinite(per_run[ALWAYS_FINITE]).all().all()
@@ -625,37 +706,68 @@ def test_smoke_campaign_end_to_end(smoke):
         assert (row.activation, row.noise_type, row.p, row.repeat, row.seed) == \
             (spec.config.activation, spec.config.noise_type, spec.config.p, spec.repeat, spec.config.seed)
 
-    summary = pd.read_csv(out / "results_summary.csv")
+    summary = rs.read_csv(out / rs.SUMMARY_CSV)
     assert len(summary) == 16  # 2 activations x 4 noise types x 2 p
     assert (summary["n"] == config["repeats"]).all()
     assert set(zip(summary["activation"], summary["noise_type"], summary["p"])) == \
         {(s.config.activation, s.config.noise_type, s.config.p) for s in specs}
 
-    history = pd.read_csv(out / "results_history.csv")
+    history = rs.read_csv(out / rs.HISTORY_CSV)
     assert len(history) == 32 * config["epochs"]
     assert set(history["epoch"]) == {1}
-    reliability = pd.read_csv(out / "results_reliability.csv")
-    assert len(reliability) == 32 * nm.ECE_BINS
+    assert set(nm.HISTORY_METRICS) <= set(history.columns)
+    reliability = rs.read_csv(out / rs.RELIABILITY_CSV)
+    assert len(reliability) == 32 * ECE_BINS
     assert (reliability.groupby("run_id")["count"].sum() == 10_000).all()  # the whole test set
     merged = history.merge(per_run[["run_id", "test_accuracy", "test_loss"]], on="run_id", suffixes=("", "_final"))
     assert np.allclose(merged["test_accuracy"], merged["test_accuracy_final"])
     assert np.allclose(merged["test_loss"], merged["test_loss_final"])
 
-    meta = json.loads((out / "campaign.json").read_text())
-    assert meta["counts"] == {"done": 32, "failed": 0, "pending": 0}
+    meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
+    assert meta["counts"] == {"done": 32, "failed": 0, "diverged": 0, "pending": 0}
     assert meta["grid_size"] == 32
-    assert meta["versions"]["torch"] == torch.__version__
-    assert meta["versions"]["numpy"] == np.__version__
-    assert meta["versions"]["python"] == platform.python_version()
+    assert meta["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                "numpy": np.__version__}
     assert meta["config"] == json.loads(json.dumps(config))
     assert meta["finished_at"] is not None and meta["workers"] == 2
+    assert meta["host"] == platform.node() and meta["cpu_count"] == os.cpu_count()
+
+    figures = sorted((out / "figures").glob("*.png"))
+    assert figures and all(f.stat().st_size > 0 for f in figures)
+    assert "Could not draw the figures" not in smoke["stderr"]
+
+
+@pytest.mark.slow
+def test_smoke_campaign_says_where_everything_is(smoke):
+    out, stdout = smoke["out"], smoke["stdout"]
+    lines = stdout.splitlines()
+    assert lines[0] == f"32 runs in the grid, 0 already done, 32 to run on 2 workers x 1 threads. Results: {out}/"
+    assert progress(stdout) == [f"{k}/32" for k in range(1, 33)]
+    runs = per_run_lines(stdout)
+    assert all(re.fullmatch(r"\[ok\] mlp/(relu|tanh) \w+ p=0\.(00|50) r[01]: "
+                            r"acc=0\.\d{4} loss=\d\.\d{4} \(\d+\.\ds\)", line) for line in runs), runs
+    assert "32 ok, 0 failed, 0 diverged, 0 pending." in lines
+    csv_line = next(line for line in lines if line.startswith("CSVs: "))
+    named = re.findall(r"(/\S+?)[,;]?(?= |$)", csv_line)
+    assert [Path(p) for p in named] == [out / rs.PER_RUN_CSV, out / rs.SUMMARY_CSV, out / rs.HISTORY_CSV,
+                                        out / "figures", out / "campaign.log"]
+    assert all(Path(p).exists() for p in named)
+    report = next(line for line in lines if line.startswith("Report: "))
+    assert f"ANALYSIS_RESULTS_DIR={out} jupyter nbconvert --to html --execute analysis.ipynb" in report
+    assert f"python plots.py {out}" in report
+    assert (ROOT / "analysis.ipynb").is_file() and (ROOT / "plots.py").is_file()
+
+    log = (out / "campaign.log").read_text().splitlines()
+    stamps = [line.split(" ", 1)[0] for line in log]
+    assert all(datetime.fromisoformat(stamp).tzinfo is not None for stamp in stamps)
+    assert [line.split(" ", 1)[1] for line in log][:len(lines)] == lines  # everything said is in the log
 
 
 @pytest.mark.slow
 def test_smoke_summary_matches_pandas_on_the_per_run_csv(smoke):
     assert smoke["code"] == 0
-    per_run = pd.read_csv(smoke["out"] / "results_per_run.csv")
-    summary = pd.read_csv(smoke["out"] / "results_summary.csv")
+    per_run = rs.read_csv(smoke["out"] / rs.PER_RUN_CSV)
+    summary = rs.read_csv(smoke["out"] / rs.SUMMARY_CSV)
     assert check_summary_against_per_run(per_run, summary) == 16
     # the p=0 runs of label and pixel noise are the same training (paired seeds, no noise)
     clean = per_run[per_run["p"] == 0].groupby(["activation", "repeat"])["test_accuracy"].nunique()
@@ -665,7 +777,7 @@ def test_smoke_summary_matches_pandas_on_the_per_run_csv(smoke):
 @pytest.mark.slow
 def test_smoke_records_match_csv(smoke):
     records = rs.RunStore(smoke["out"]).load()
-    per_run = pd.read_csv(smoke["out"] / "results_per_run.csv").set_index("run_id")
+    per_run = rs.read_csv(smoke["out"] / rs.PER_RUN_CSV).set_index("run_id")
     assert set(records) == set(per_run.index)
     for run_id, record in records.items():
         assert record["attempts"] == 1
@@ -675,30 +787,29 @@ def test_smoke_records_match_csv(smoke):
 
 
 @pytest.mark.slow
-def test_rerun_of_finished_campaign_runs_nothing(smoke):
+def test_rerun_of_a_finished_campaign_runs_nothing_and_appends_to_its_log(smoke, no_figures):
     assert smoke["code"] == 0
-    before = {p.name: p.stat().st_mtime_ns for p in (smoke["out"] / "runs").iterdir()}
+    before = snapshot(smoke["out"])
+    log_before = (smoke["out"] / "campaign.log").read_text()
     code, stdout, _ = run_main(smoke["argv"])
     assert code == 0
     assert "32 runs in the grid, 32 already done, 0 to run" in stdout
-    assert {p.name: p.stat().st_mtime_ns for p in (smoke["out"] / "runs").iterdir()} == before
-
-
-# ================================================================ failures and determinism
+    assert per_run_lines(stdout) == []
+    assert snapshot(smoke["out"]) == before
+    log = (smoke["out"] / "campaign.log").read_text()
+    assert log.startswith(log_before) and "32 runs in the grid, 32 already done" in log[len(log_before):]
 
 
 def failing_cell(cfg: nm.TrainConfig) -> bool:
     return cfg.noise_type == "pixel_uniform" and cfg.p == 0.5 and cfg.seed == rx.repeat_seed(0, 1)
 
 
-def test_a_failing_run_is_recorded_and_the_others_finish(warm, tmp_path, fail_runs):
-    assert multiprocessing.get_start_method(allow_none=True) in (None, "fork") and \
-        "fork" in multiprocessing.get_all_start_methods()  # the patch reaches the forked workers
-    fail_runs(failing_cell, "injected failure for this one cell")
+def test_a_failing_run_is_recorded_and_the_others_finish(mnist, mnist_dir, tmp_path, fail_runs, no_figures):
+    fail_runs(failing_cell, "injected failure for this one cell")  # forked workers inherit the patch
     out = tmp_path / "out"
-    argv = tiny_argv(out, warm)
-    code, stdout, _ = run_main(argv)
-    assert code == 1
+    argv = tiny_argv(out, mnist_dir)
+    code, stdout, stderr = run_main(argv)
+    assert code == 1, stdout + stderr
     specs = rx.build_grid(config_of(*argv))
     bad = [s for s in specs if failing_cell(s.config)]
     assert len(bad) == 1
@@ -709,18 +820,21 @@ def test_a_failing_run_is_recorded_and_the_others_finish(warm, tmp_path, fail_ru
     assert records[bad_id]["error"] == "RuntimeError: injected failure for this one cell"
     assert "sometimes_fails" in records[bad_id]["traceback"]
     assert all(r["status"] == "ok" for k, r in records.items() if k != bad_id)
-    assert f"failed run {bad_id}" in stdout
-    assert "Done: 7 ok, 1 failed, 0 pending" in stdout
-    per_run = pd.read_csv(out / "results_per_run.csv").set_index("run_id")
+    assert "[FAILED] mlp/relu pixel_uniform p=0.50 r1: RuntimeError: injected failure for this one cell" \
+        in per_run_lines(stdout)
+    assert f"  failed run {bad_id}: [FAILED] mlp/relu pixel_uniform p=0.50 r1" in stdout
+    assert "7 ok, 1 failed, 0 diverged, 0 pending." in stdout
+    per_run = rs.read_csv(out / rs.PER_RUN_CSV).set_index("run_id")
     assert per_run.loc[bad_id, "status"] == "failed"
     assert "injected failure" in per_run.loc[bad_id, "error"]
-    summary = pd.read_csv(out / "results_summary.csv")
+    summary = rs.read_csv(out / rs.SUMMARY_CSV)
     n = summary.set_index(["noise_type", "p"])["n"]
     assert n[("pixel_uniform", 0.5)] == 1 and n[("pixel_uniform", 0.0)] == 2
-    history = pd.read_csv(out / "results_history.csv")
+    history = rs.read_csv(out / rs.HISTORY_CSV)
     assert bad_id not in set(history["run_id"]) and len(history) == 7
-    meta = json.loads((out / "campaign.json").read_text())
-    assert meta["counts"] == {"done": 7, "failed": 1, "pending": 0}
+    meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
+    assert meta["counts"] == {"done": 7, "failed": 1, "diverged": 0, "pending": 0}
+    assert no_figures == [out]  # drawn from what there is
 
 
 METRIC_KEYS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
@@ -728,26 +842,15 @@ METRIC_KEYS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro
                "test_ece", "test_mean_confidence", "history_test_ece", "reliability"]
 
 
-def same(a, b) -> bool:
-    """Equality of stored values, where NaN equals NaN (empty reliability bins, memorisation at p=0)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
-
-
-def test_same_campaign_twice_gives_identical_metrics(warm, tmp_path):
+def test_same_campaign_twice_gives_identical_metrics(mnist, mnist_dir, tmp_path, no_figures):
     # the second time with one worker: scheduling must not matter either
     first, second = tmp_path / "a", tmp_path / "b"
-    assert run_main(tiny_argv(first, warm, "--max_train_samples", "600"))[0] == 0
-    assert run_main(tiny_argv(second, warm, "--max_train_samples", "600", "--max_workers", "1"))[0] == 0
+    assert run_main(tiny_argv(first, mnist_dir))[0] == 0
+    assert run_main(tiny_argv(second, mnist_dir, "--max_workers", "1"))[0] == 0
     a, b = rs.RunStore(first).load(), rs.RunStore(second).load()
     assert len(a) == 8 and set(a) == set(b)
     for run_id in a:
-        keys = METRIC_KEYS + [k for k in rs.METRICS + [f"history_{m}" for m in rs.HISTORY_METRICS]
+        keys = METRIC_KEYS + [k for k in nm.METRICS + [f"history_{m}" for m in nm.HISTORY_METRICS]
                               if k in a[run_id] and k not in ("seconds", "train_seconds")]
         assert {"memorised_fraction", "noisy_test_accuracy"} & set(keys)  # the type-specific ones too
         assert same({k: a[run_id][k] for k in keys}, {k: b[run_id][k] for k in keys}), run_id
@@ -761,29 +864,332 @@ def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_d
     multi-threaded op; workers of several threads must start anyway (as from a notebook)."""
     argv = tiny_argv(tmp_path, mnist_dir, "--cpu_threads_per_worker", "2", "--max_workers", "1", "--repeats", "1")
     code = (
-        "import sys, torch, run_experiments as rx\n"
+        "import sys, torch, plots, run_experiments as rx\n"
+        "plots.write_figures = lambda *args: []  # (figures: not the point, and seconds)\n"
         "torch.set_num_threads(2)\n"
         "torch.ones(4_000_000).mul(2.0).sum()  # starts this process's OpenMP threads\n"
         f"sys.exit(rx.main({argv!r}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(rx.__file__).parent)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
     records = rs.RunStore(tmp_path).load()
     assert len(records) == 4 and {r["status"] for r in records.values()} == {"ok"}
     assert {r["cpu_threads"] for r in records.values()} == {2}
 
 
-def test_workers_share_the_dataset_by_fork_unless_threaded_or_on_cuda():
-    assert rx.pool_context(1, use_cuda=False).get_start_method() == "fork"
-    assert rx.pool_context(2, use_cuda=False).get_start_method() == "forkserver"
-    assert rx.pool_context(1, use_cuda=True).get_start_method() == "forkserver"  # CUDA cannot cross a fork
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_campaign_on_cuda(mnist_dir, tmp_path):
+def test_campaign_on_cuda(mnist_dir, tmp_path, no_figures):
     argv = tiny_argv(tmp_path, mnist_dir, "--use_cuda", "true", "--max_workers", "1")
     assert run_main(argv)[0] == 0
     records = rs.RunStore(tmp_path).load()
     assert len(records) == 8 and {r["status"] for r in records.values()} == {"ok"}, records
     assert {r["use_cuda"] for r in records.values()} == {True}
+
+
+@pytest.mark.slow
+def test_label_matrix_campaign_end_to_end(mnist, mnist_dir, tmp_path):
+    """Two real runs (none / forward) of label_matrix with the matrix from a file, figures included."""
+    path = write_json(tmp_path, "next.json", HALF_NEXT)
+    out = tmp_path / "out"
+    argv = ["--activations", "relu", "--noise_types", "label_matrix", "--noise_matrix", path,
+            "--loss_corrections", "none,forward", "--ps", "0.6", "--extra_label_ps", "", "--repeats", "1",
+            "--epochs", "1", "--max_train_samples", "500", "--hidden_sizes", "16", "--max_workers", "1",
+            "--data_dir", str(mnist_dir), "--output_dir", str(out)]
+    code, stdout, stderr = run_main(argv)
+    assert code == 0, stdout + stderr
+    assert "+forward" in stdout
+    records = rs.RunStore(out).load()
+    specs = rx.build_grid(config_of(*argv))
+    assert set(records) == {s.run_id for s in specs} and len(records) == 2
+    assert {r["loss_correction"] for r in records.values()} == {"none", "forward"}
+    for record in records.values():
+        assert record["status"] == "ok"
+        assert json.loads(record["noise_matrix"]) == HALF_NEXT  # stored as JSON
+        assert 0 <= record["memorised_fraction"] <= 1
+    per_run = rs.read_csv(out / rs.PER_RUN_CSV)
+    assert sorted(per_run["loss_correction"]) == ["forward", "none"]
+    summary = rs.read_csv(out / rs.SUMMARY_CSV)
+    assert len(summary) == 2 and (summary["n"] == 1).all()  # corrections are never pooled
+    assert len(rs.read_csv(out / rs.RELIABILITY_CSV)) == 2 * ECE_BINS
+    assert list((out / "figures").glob("*.png")) and "Could not draw the figures" not in stderr
+
+
+# ================================================================ CSVs refreshed during a campaign
+
+
+@pytest.fixture
+def csv_writes(monkeypatch, tmp_path):
+    """Each write of the CSVs: (records written, runs a reader of the CSVs sees right after)."""
+    writes = []
+    real = rs.write_csvs
+
+    def write_and_read_back(records, output_dir, target=None):
+        paths = real(records, output_dir, target)
+        writes.append((len(records), len(rs.read_results(output_dir).runs)))
+        return paths
+
+    monkeypatch.setattr(rs, "write_csvs", write_and_read_back)
+    return writes
+
+
+def test_csvs_are_refreshed_during_the_campaign(mnist, mnist_dir, tmp_path, monkeypatch, csv_writes, no_figures):
+    monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", -1)  # due after every run
+    code, _, _ = run_main(tiny_argv(tmp_path / "out", mnist_dir))
+    assert code == 0
+    assert csv_writes == [(k, k) for k in range(1, 9)] + [(8, 8)]  # and once more at the end
+
+
+def test_csvs_are_refreshed_at_most_every_csv_refresh_seconds(mnist, mnist_dir, tmp_path, monkeypatch, csv_writes,
+                                                             no_figures):
+    monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", 3600)
+    code, _, _ = run_main(tiny_argv(tmp_path / "out", mnist_dir))
+    assert code == 0
+    assert csv_writes == [(8, 8)]  # at the end only
+
+
+# ================================================================ resuming
+
+
+@pytest.fixture
+def tiny_campaign(mnist, mnist_dir, tmp_path, no_figures):
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir)
+    code, stdout, stderr = run_main(argv)
+    assert code == 0, stdout + stderr
+    assert len(run_files(out)) == 8
+    return out, argv
+
+
+def test_extending_the_grid_runs_only_the_new_runs(tiny_campaign):
+    out, argv = tiny_campaign
+    before = snapshot(out)
+
+    code, stdout, _ = run_main([*argv, "--ps", "0,0.5,0.8"])
+    assert code == 0, stdout
+    assert "12 runs in the grid, 8 already done, 4 to run" in stdout
+    assert progress(stdout) == ["1/4", "2/4", "3/4", "4/4"]
+    assert all("p=0.80" in line for line in per_run_lines(stdout))
+    middle = snapshot(out)
+    assert {k: middle[k] for k in before} == before
+    assert {r["p"] for k, r in rs.RunStore(out).load().items() if k not in before} == {0.8}
+
+    code, stdout, _ = run_main([*argv, "--ps", "0,0.5,0.8", "--repeats", "3"])
+    assert code == 0, stdout
+    assert "18 runs in the grid, 12 already done, 6 to run" in stdout
+    after = snapshot(out)
+    assert {k: after[k] for k in middle} == middle
+    assert {r["repeat"] for k, r in rs.RunStore(out).load().items() if k not in middle} == {2}
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 18
+    summary = rs.read_csv(out / rs.SUMMARY_CSV)
+    assert len(summary) == 6 and (summary["n"] == 3).all()
+
+    # shrinking the grid back runs nothing; the stored extra runs stay in the CSVs
+    code, stdout, _ = run_main(argv)
+    assert code == 0 and "8 runs in the grid, 8 already done, 0 to run" in stdout
+    assert snapshot(out) == after
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 18
+
+
+def bad_cell(cfg: nm.TrainConfig) -> bool:
+    return cfg.noise_type == "label_flip" and cfg.p == 0.5 and cfg.seed == rx.repeat_seed(0, 0)
+
+
+@pytest.fixture
+def broken_cell(fail_runs):
+    """train_and_evaluate raises for one grid cell; calling the fixture's value "fixes the bug"."""
+    return fail_runs(bad_cell)
+
+
+def test_failed_runs_are_retried_until_max_attempts(mnist, mnist_dir, tmp_path, broken_cell, no_figures):
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir, "--max_attempts", "2")
+    bad_id = next(s.run_id for s in rx.build_grid(config_of(*argv)) if bad_cell(s.config))
+
+    code, stdout, _ = run_main(argv)
+    assert code == 1 and f"failed run {bad_id}" in stdout
+    assert "8 runs in the grid, 0 already done, 8 to run" in stdout
+    record = rs.RunStore(out).load()[bad_id]
+    assert (record["status"], record["attempts"], record["error"]) == ("failed", 1, "RuntimeError: injected failure")
+    others = {k: v for k, v in snapshot(out).items() if k != bad_id}
+
+    code, stdout, _ = run_main(argv)  # attempt 2 of 2
+    assert code == 1 and f"failed run {bad_id}" in stdout
+    assert "8 runs in the grid, 7 already done, 1 to run" in stdout
+    assert progress(stdout) == ["1/1"]
+    assert rs.RunStore(out).load()[bad_id]["attempts"] == 2
+    assert {k: v for k, v in snapshot(out).items() if k != bad_id} == others
+    stamp = snapshot(out)[bad_id]
+
+    code, stdout, _ = run_main(argv)  # no tries left: reported, not retried
+    assert code == 1 and f"failed run {bad_id}" in stdout and "injected failure" in stdout
+    assert "8 runs in the grid, 7 already done, 1 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert snapshot(out)[bad_id] == stamp
+    per_run = rs.read_csv(out / rs.PER_RUN_CSV).set_index("run_id")
+    assert per_run.loc[bad_id, "status"] == "failed" and per_run.loc[bad_id, "attempts"] == 2
+
+    broken_cell()  # the cause is fixed; allow one more try
+    code, stdout, _ = run_main([*argv, "--max_attempts", "3"])
+    assert code == 0, stdout
+    assert "1 to run" in stdout
+    record = rs.RunStore(out).load()[bad_id]
+    assert record["status"] == "ok" and record["attempts"] == 3 and record["error"] == ""
+    assert "traceback" not in record
+
+
+def test_failed_runs_are_not_retried_when_retry_failed_is_off(mnist, mnist_dir, tmp_path, broken_cell, no_figures):
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir, "--retry_failed", "false")
+    code, _, _ = run_main(argv)
+    assert code == 1
+    stamps = snapshot(out)
+    broken_cell()
+    code, stdout, _ = run_main(argv)
+    assert code == 1 and "8 runs in the grid, 7 already done, 1 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert snapshot(out) == stamps
+    code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # retry_failed back on
+    assert code == 0 and "1 to run" in stdout
+
+
+def test_diverged_runs_are_recorded_and_not_rerun(mnist, mnist_dir, tmp_path, no_figures):
+    """A run whose training loss becomes NaN is `diverged`: deterministic, so never retried."""
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0", "--optimizer", "sgd",
+                     "--learning_rate", "1e12")
+    code, stdout, stderr = run_main(argv)
+    assert code == 1, stdout + stderr
+    records = rs.RunStore(out).load()
+    assert len(records) == 2
+    for run_id, record in records.items():
+        assert record["status"] == "diverged" and record["attempts"] == 1
+        assert record["diverged_epoch"] == 1 and record["diverged_step"] >= 1
+        assert f"training loss became nan at step {record['diverged_step']} of epoch 1" == record["error"]
+        assert f"  diverged run {run_id}: [DIVERGED] mlp/relu label_flip p=0.00" in stdout
+    assert len(per_run_lines(stdout)) == 2 and all(line.startswith("[DIVERGED] ") for line in per_run_lines(stdout))
+    assert "0 ok, 0 failed, 2 diverged, 0 pending." in stdout
+    per_run = rs.read_csv(out / rs.PER_RUN_CSV)
+    assert (per_run["status"] == "diverged").all() and len(rs.read_csv(out / rs.SUMMARY_CSV)) == 0
+    assert json.loads((out / rs.CAMPAIGN_JSON).read_text())["counts"] == \
+        {"done": 0, "failed": 0, "diverged": 2, "pending": 0}
+    stamps = snapshot(out)
+    code, stdout, _ = run_main([*argv, "--max_attempts", "5"])
+    assert code == 1
+    assert "2 runs in the grid, 0 already done, 2 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert snapshot(out) == stamps
+
+
+def test_storage_error_stops_the_campaign_keeping_what_is_stored(mnist, mnist_dir, tmp_path, monkeypatch,
+                                                                 no_figures):
+    out = tmp_path / "results"
+    real_save = rs.RunStore.save
+    saved = []
+
+    def save_until_the_disk_is_full(self, record):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "x.json"))
+        real_save(self, record)
+        saved.append(record["run_id"])
+
+    monkeypatch.setattr(rs.RunStore, "save", save_until_the_disk_is_full)
+    argv = tiny_argv(out, mnist_dir)
+    code, stdout, stderr = run_main(argv)
+    assert code == 1
+    assert (f"error: could not write {out / 'runs' / 'x.json'}: No space left on device. The campaign stopped; "
+            "every run finished before this is stored.") in stderr
+    assert "run the same command again to resume" in stderr
+    assert sorted(run_files(out)) == sorted(saved)
+    monkeypatch.setattr(rs.RunStore, "save", real_save)  # space freed
+    code, stdout, _ = run_main(argv)
+    assert code == 0 and "8 runs in the grid, 2 already done, 6 to run" in stdout
+    assert len(rs.RunStore(out).load()) == 8
+
+
+def test_a_second_campaign_in_the_same_output_dir_is_refused(mnist, mnist_dir, tmp_path, no_figures):
+    out = tmp_path / "results"
+    out.mkdir()
+    running = rx.lock_output_dir(out)  # what a running campaign holds
+    try:
+        code, stdout, stderr = run_main(tiny_argv(out, mnist_dir))
+        assert code == 2, stdout + stderr
+        assert f"error: another campaign (PID {os.getpid()} on {platform.node()}) is running in {out}/" in stderr
+        assert not (out / "runs").exists() and stdout == ""
+    finally:
+        running.close()
+    code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # once it has finished
+    assert code == 0 and len(run_files(out)) == 8
+
+
+# ================================================================ --check
+
+
+def test_check_fits_100_examples_per_training_setup(mnist, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run_main(["--check", "--smoke", "--data_dir", str(mnist_dir)])
+    assert code == 0, stdout
+    assert stdout.startswith("Checking that each of the 2 training set-ups can fit 100 clean training examples...")
+    lines = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and all(line.startswith("[ok] dataset=mnist, model_type=mlp, activation=") for line in lines)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_check_names_the_setups_that_cannot_learn(mnist, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run_main(["--check", "--smoke", "--activations", "relu", "--learning_rate", "1e-9",
+                                "--data_dir", str(mnist_dir)])
+    assert code == 1
+    assert re.search(r"^\[FAILS\] dataset=mnist, model_type=mlp, activation=relu, hidden_sizes=256-128, "
+                     r"optimizer=adam, learning_rate=1e-09, .*: training accuracy 0\.\d\d", stdout, re.MULTILINE)
+    assert "1 set-up(s) cannot fit 100 examples" in stdout and "learning_rate" in stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+# ================================================================ --fresh
+
+
+def test_fresh_moves_old_results_aside_and_runs_everything(tiny_campaign):
+    out, argv = tiny_campaign
+    old_files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("runs") in {p.parent for p in old_files} and Path("campaign.log") in old_files
+
+    code, stdout, _ = run_main([*argv, "--fresh"])
+    assert code == 0, stdout
+    moved_lines = [line for line in stdout.splitlines() if line.startswith("Moved the previous results to ")]
+    assert len(moved_lines) == 1
+    moved = Path(moved_lines[0].removeprefix("Moved the previous results to ").strip())
+    assert moved.is_dir() and moved.parent == out.parent and moved.name.startswith(out.name + ".old-")
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == old_files
+    assert "8 runs in the grid, 0 already done, 8 to run" in stdout
+    assert len(per_run_lines(stdout)) == 8
+    new = rs.RunStore(out).load()
+    assert len(new) == 8
+    assert {k: v["test_accuracy"] for k, v in new.items()} == \
+        {k: v["test_accuracy"] for k, v in rs.RunStore(moved).load().items()}
+    log = (out / "campaign.log").read_text()
+    assert log.count("runs in the grid") == 1  # a log of its own
+
+
+def test_fresh_on_an_empty_or_missing_dir_moves_nothing(mnist, mnist_dir, tmp_path, no_figures):
+    out = tmp_path / "results"
+    code, stdout, _ = run_main(tiny_argv(out, mnist_dir, "--fresh", "--ps", "0"))
+    assert code == 0 and "Moved" not in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert rx.move_aside(empty) is None and empty.is_dir()
+
+
+def test_fresh_twice_within_one_second_keeps_both_old_results(tmp_path, monkeypatch):
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2024, 5, 6, 7, 8, 9, tzinfo=tz)
+
+    monkeypatch.setattr(rx, "datetime", FrozenClock)
+    out = tmp_path / "results"
+    moved = []
+    for generation in ("first", "second", "third"):
+        (out / "runs").mkdir(parents=True)
+        (out / "runs" / f"{generation}.json").write_text(generation)
+        moved.append(rx.move_aside(out))
+        assert not out.exists()
+    assert len(set(moved)) == 3
+    assert [next((m / "runs").iterdir()).read_text() for m in moved] == ["first", "second", "third"]
