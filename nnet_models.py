@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from metrics import calibration_bins, classification_metrics, memorisation_metrics
 
@@ -332,12 +334,13 @@ def corrupt_pixels(images: torch.Tensor, p: float, generator: torch.Generator,
     if p == 0:
         return images.clone()
     u = torch.rand(images.shape, generator=generator, device=images.device)
+    replaced = torch.lt(u, p, out=torch.empty_like(u))  # 1.0 or 0.0: a float mask (docs/performance.md)
     if quantiles is None:
-        values = u * (white / p)
+        values = u.mul_(white / p)
     else:
-        cells = (u * (len(quantiles) / p)).long().clamp_(max=len(quantiles) - 1)
-        values = quantiles[cells] * white
-    return torch.where(u < p, values, images)
+        cells = u.mul_(len(quantiles) / p).long().clamp_(max=len(quantiles) - 1)
+        values = quantiles[cells].mul_(white)
+    return torch.lerp(images, values, replaced, out=values)
 
 
 # ---------------------------------------------------------------- models
@@ -391,13 +394,45 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (fused kernel) or SGD with momentum 0.9."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.9)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+class Optimizer:
+    """Adam (fused kernel) or SGD with momentum 0.9: torch.optim's own update kernels, called
+    directly, as the torch.optim.Optimizer class around them costs 11% of the MLP training loop
+    (docs/performance.md). `state[p]` holds a parameter's buffers under torch.optim's names."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        self.cfg, self.params = cfg, list(model.parameters())
+        if cfg.optimizer == "adam":
+            self.state = {p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                              "step": torch.zeros((), device=p.device)} for p in self.params}
+        else:
+            self.state = {p: {"momentum_buffer": None} for p in self.params}
+
+    def buffers(self, name: str) -> list:
+        return [self.state[p][name] for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads, cfg = [p.grad for p in self.params], self.cfg
+        if cfg.optimizer == "adam":
+            adam(self.params, grads, self.buffers("exp_avg"), self.buffers("exp_avg_sq"), [], self.buffers("step"),
+                 fused=True, amsgrad=False, beta1=0.9, beta2=0.999, lr=cfg.learning_rate,
+                 weight_decay=cfg.weight_decay, eps=1e-8, maximize=False)
+            return
+        momentum = self.buffers("momentum_buffer")
+        sgd(self.params, grads, momentum, weight_decay=cfg.weight_decay, momentum=0.9, lr=cfg.learning_rate,
+            dampening=0.0, nesterov=False, maximize=False)
+        for p, buffer in zip(self.params, momentum):  # the first step creates them
+            self.state[p]["momentum_buffer"] = buffer
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
+    return Optimizer(model, cfg)
 
 
 # ---------------------------------------------------------------- training
@@ -429,6 +464,23 @@ def forward_corrected_loss(logits: torch.Tensor, noisy_labels: torch.Tensor, tra
     under softmax(z) T, the model's clean posterior pushed through the noise."""
     noisy_probs = torch.softmax(logits, 1) @ transition
     return nn.functional.nll_loss(noisy_probs.clamp_min(1e-12).log(), noisy_labels)
+
+
+MAX_CONDITION = 1e4  # of T, for forward correction: beyond, its inverse amplifies round-off into the model
+
+
+def forward_correction_problem(cfg: TrainConfig) -> str | None:
+    """Why forward correction cannot recover the clean posterior of this run, or None. With T
+    singular (label_flip at p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly
+    conditioned, the noisy labels do not identify the clean ones and the corrected loss has no
+    useful gradient: the run is not trained at all rather than reported as a meaningless model."""
+    if cfg.loss_correction != "forward":
+        return None
+    condition = torch.linalg.cond(transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).item()
+    if condition <= MAX_CONDITION:
+        return None
+    return (f"T of {cfg.noise_type} at p={cfg.p:g} has condition number {condition:.3g} (above {MAX_CONDITION:g}): "
+            "the clean labels are not identifiable, so forward correction is not run")
 
 
 def training_loss(cfg: TrainConfig, device: torch.device):

@@ -98,7 +98,7 @@ class RunStore:
         return records
 
 
-STATUSES = ("ok", "failed", "diverged")
+STATUSES = ("ok", "failed", "diverged", "not_identifiable")
 
 
 def check_record(record, run_id: str) -> None:

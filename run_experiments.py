@@ -365,37 +365,30 @@ def spec_for(point: nm.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
 
 class RepeatPlan:
     """How many repeats each grid point gets: the config's `repeats`, or, with a precision target,
-    as many as its first stage asks for (results_store.Target); a clean (p = 0) point gets at
-    least as many as the points whose paired differences need it."""
+    as many as its first stage asks for (results_store.Target)."""
 
     def __init__(self, config: dict, specs: list[RunSpec]):
         self.target = precision_target(config)
         self.seed = config["seed"]
         self.planned: dict[nm.TrainConfig, int] = {}
-        self.asked: dict[nm.TrainConfig, int] = {}  # what the rule asked for each point itself
         for spec in specs:
             point = dataclasses.replace(spec.config, seed=0)
             self.planned[point] = max(self.planned.get(point, 0), spec.repeat + 1)
 
     def extend(self, point: nm.TrainConfig, records: dict[str, dict]) -> list[RunSpec]:
-        """The runs `point` and its clean partner need beyond those planned, once its first stage is done."""
+        """The runs `point` needs beyond those planned, once its first stage is done."""
         if self.target is None:
             return []
         first = [records.get(spec_for(point, r, self.seed).run_id) for r in range(self.target.first_stage)]
         if None in first:
             return []
         n = self.target.repeats([record["test_accuracy"] for record in first if record["status"] == "ok"])
-        self.asked[point] = n
-        partner = dataclasses.replace(point, p=0.0)
-        return self.grow(point, n) + (self.grow(partner, n) if partner in self.planned else [])
-
-    def grow(self, point: nm.TrainConfig, n: int) -> list[RunSpec]:
         planned, self.planned[point] = self.planned[point], max(self.planned[point], n)
         return [spec_for(point, r, self.seed) for r in range(planned, n)]
 
     def capped(self) -> list[nm.TrainConfig]:
-        """The points whose own spread asked for max_repeats or more."""
-        return [point for point, n in self.asked.items() if n >= self.target.max_repeats]
+        """The points that reached max_repeats."""
+        return [point for point, n in self.planned.items() if self.target and n >= self.target.max_repeats]
 
 
 def precision_target(config: dict) -> rs.Target | None:
@@ -424,6 +417,8 @@ def run_record(spec: RunSpec, status: str, error: str = "", **fields) -> dict:
 
 def run_one(spec: RunSpec) -> dict:
     """Train and evaluate one grid cell; an exception becomes a `failed` record, never a crash."""
+    if problem := nm.forward_correction_problem(spec.config):
+        return run_record(spec, "not_identifiable", problem)
     try:
         result = nm.train_and_evaluate(spec.config)
     except nm.DivergedError as exc:  # deterministic: not retried on resume
@@ -477,7 +472,8 @@ def campaign_metadata(config: dict, grid_size: int) -> dict:
 def count_statuses(specs: list[RunSpec], records: dict[str, dict]) -> dict[str, int]:
     statuses = [records[s.run_id]["status"] if s.run_id in records else "pending" for s in specs]
     return {"done": statuses.count("ok"), "failed": statuses.count("failed"),
-            "diverged": statuses.count("diverged"), "pending": statuses.count("pending")}
+            "diverged": statuses.count("diverged"), "not_identifiable": statuses.count("not_identifiable"),
+            "pending": statuses.count("pending")}
 
 
 def runs_to_do(specs: list[RunSpec], records: dict[str, dict], config: dict) -> list[RunSpec]:
@@ -553,7 +549,7 @@ class Campaign:
             self.specs += self.plan.extend(point, self.records)
         self.metadata = campaign_metadata(config, len(specs))
         self.log_file = open(self.output_dir / "campaign.log", "a")
-        self.csvs_written_at = time.monotonic()
+        self.csvs_written_at = -math.inf  # the first finished run is in the CSVs at once
         self.started, self.done, self.bar = time.monotonic(), 0, None
 
     def start_progress(self, total: int) -> None:
@@ -687,8 +683,10 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     counts = count_statuses(campaign.specs, campaign.records)
     out = campaign.output_dir
     campaign.say(f"{counts['done']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
-                 f"{counts['pending']} pending.")
-    failed = [r for r in campaign.records.values() if r["status"] != "ok"]
+                 f"{counts['pending']} pending."
+                 + (f" {counts['not_identifiable']} not run: forward correction with a singular T."
+                    if counts["not_identifiable"] else ""))
+    failed = [r for r in campaign.records.values() if r["status"] in ("failed", "diverged")]
     for record in failed:
         campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "

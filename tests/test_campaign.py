@@ -724,7 +724,7 @@ def test_smoke_campaign_end_to_end(smoke):
     assert np.allclose(merged["test_loss"], merged["test_loss_final"])
 
     meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
-    assert meta["counts"] == {"done": 32, "failed": 0, "diverged": 0, "pending": 0}
+    assert meta["counts"] == {"done": 32, "failed": 0, "diverged": 0, "not_identifiable": 0, "pending": 0}
     assert meta["grid_size"] == 32
     assert meta["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
                                 "numpy": np.__version__}
@@ -833,7 +833,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(mnist, mnist_dir, tmp_p
     history = rs.read_csv(out / rs.HISTORY_CSV)
     assert bad_id not in set(history["run_id"]) and len(history) == 7
     meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
-    assert meta["counts"] == {"done": 7, "failed": 1, "diverged": 0, "pending": 0}
+    assert meta["counts"] == {"done": 7, "failed": 1, "diverged": 0, "not_identifiable": 0, "pending": 0}
     assert no_figures == [out]  # drawn from what there is
 
 
@@ -944,7 +944,7 @@ def test_csvs_are_refreshed_at_most_every_csv_refresh_seconds(mnist, mnist_dir, 
     monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", 3600)
     code, _, _ = run_main(tiny_argv(tmp_path / "out", mnist_dir))
     assert code == 0
-    assert csv_writes == [(8, 8)]  # at the end only
+    assert csv_writes == [(1, 1), (8, 8)]  # after the first run (a report can follow at once), then at the end
 
 
 # ================================================================ resuming
@@ -1069,12 +1069,32 @@ def test_diverged_runs_are_recorded_and_not_rerun(mnist, mnist_dir, tmp_path, no
     per_run = rs.read_csv(out / rs.PER_RUN_CSV)
     assert (per_run["status"] == "diverged").all() and len(rs.read_csv(out / rs.SUMMARY_CSV)) == 0
     assert json.loads((out / rs.CAMPAIGN_JSON).read_text())["counts"] == \
-        {"done": 0, "failed": 0, "diverged": 2, "pending": 0}
+        {"done": 0, "failed": 0, "diverged": 2, "not_identifiable": 0, "pending": 0}
     stamps = snapshot(out)
     code, stdout, _ = run_main([*argv, "--max_attempts", "5"])
     assert code == 1
     assert "2 runs in the grid, 0 already done, 2 failed or diverged for good (not rerun), 0 to run" in stdout
     assert snapshot(out) == stamps
+
+
+def test_forward_correction_with_a_singular_transition_matrix_is_not_run(mnist, mnist_dir, tmp_path, no_figures):
+    """label_flip at p = 0.9 makes T singular: its forward-corrected runs are recorded as
+    not_identifiable without training, never summarised, never rerun; the others train."""
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0.5,0.9", "--loss_corrections",
+                     "none,forward")
+    code, stdout, stderr = run_main(argv)
+    assert code == 0, stdout + stderr
+    records = rs.RunStore(out).load().values()
+    skipped = [r for r in records if r["status"] == "not_identifiable"]
+    assert len(skipped) == 2 and all(r["loss_correction"] == "forward" and r["p"] == 0.9 for r in skipped)
+    assert all("seconds" not in r and "condition number" in r["error"] for r in skipped)
+    assert sum(r["status"] == "ok" for r in records) == 6
+    assert "6 ok, 0 failed, 0 diverged, 0 pending. 2 not run: forward correction with a singular T." in stdout
+    summary = rs.read_csv(out / rs.SUMMARY_CSV)
+    assert len(summary) == 3 and not ((summary["p"] == 0.9) & (summary["loss_correction"] == "forward")).any()
+    code, stdout, _ = run_main(argv)
+    assert code == 0 and "0 to run" in stdout
 
 
 def test_storage_error_stops_the_campaign_keeping_what_is_stored(mnist, mnist_dir, tmp_path, monkeypatch,

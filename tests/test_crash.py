@@ -352,7 +352,7 @@ def test_signal_stops_campaign_cleanly_and_it_resumes(sig, whole_group, mnist_di
     history = rs.read_csv(out / rs.HISTORY_CSV)
     assert len(history) == 2 * len(files)
     meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
-    assert meta["counts"] == {"done": len(files), "failed": 0, "diverged": 0, "pending": N_CRASH_RUNS - len(files)}
+    assert meta["counts"] == {"done": len(files), "failed": 0, "diverged": 0, "not_identifiable": 0, "pending": N_CRASH_RUNS - len(files)}
     assert meta["finished_at"] is None
     assert f"{len(files)} ok, 0 failed, 0 diverged, {N_CRASH_RUNS - len(files)} pending." in output
     assert (out / "figures").is_dir()  # drawn from what there is

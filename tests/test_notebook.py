@@ -1,4 +1,4 @@
-"""analysis.ipynb: committed clean and parameterised; executed headless (nbclient) against a
+"""analysis.ipynb: committed executed on the reference results, and parameterised; executed headless (nbclient) against a
 small synthetic campaign, it draws its figures into that campaign's figures/ folder.
 
 The kernel is the "python3" kernelspec, which jupyter_client starts with the interpreter that
@@ -17,14 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "analysis.ipynb"
 
 
-def test_committed_notebook_is_clean_and_parameterised():
+def test_committed_notebook_is_executed_on_the_reference_results_and_parameterised():
+    """It shows the reference campaign's figures on any notebook viewer, without running it."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code_cells)
+    assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
+    assert not [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
+    images = [output for cell in code_cells for output in cell.outputs if "image/png" in output.get("data", {})]
+    assert len(images) == len(list((ROOT / "results" / "reference" / "figures").glob("*.png")))
     first = notebook.cells[0]
     assert first.cell_type == "code" and first.metadata.get("tags") == ["parameters"]
-    assert 'os.environ.get("ANALYSIS_RESULTS_DIR", "results")' in first.source
+    assert 'os.environ.get("ANALYSIS_RESULTS_DIR", "results/reference")' in first.source
 
 
 @pytest.mark.slow

@@ -206,17 +206,24 @@ def test_unknown_model_type_raises():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_make_optimizer_class_and_settings(name, weight_decay):
-    model = build_model("mlp", "relu", (8,))
-    optimizer = nm.make_optimizer(model, TrainConfig(optimizer=name, learning_rate=0.01, weight_decay=weight_decay))
-    assert type(optimizer) is {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
-    (group,) = optimizer.param_groups
-    assert group["lr"] == 0.01 and group["weight_decay"] == weight_decay
-    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
-    if name == "sgd":
-        assert group["momentum"] == 0.9 and group["dampening"] == 0 and not group["nesterov"]
+def test_optimizer_updates_are_torch_optims_bit_for_bit(name, weight_decay):
+    """The same parameters, step after step, as torch.optim.Adam(fused=True) or torch.optim.SGD
+    with momentum 0.9, whose kernels it calls without the Optimizer class around them."""
+    torch.manual_seed(0)
+    ours, reference = build_model("mlp", "relu", (8,)), build_model("mlp", "relu", (8,))
+    reference.load_state_dict(ours.state_dict())
+    optimizer = nm.make_optimizer(ours, TrainConfig(optimizer=name, learning_rate=0.01, weight_decay=weight_decay))
+    if name == "adam":
+        torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=weight_decay, fused=True)
     else:
-        assert group["fused"] is True and group["betas"] == (0.9, 0.999) and not group["amsgrad"]
+        torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=weight_decay)
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for _ in range(4):
+        for model, opt in ((ours, optimizer), (reference, torch_optimizer)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), reference.parameters()))
 
 
 def test_optimizer_steps_by_hand():
@@ -253,6 +260,18 @@ def test_forward_corrected_loss_by_hand():
     # with T = I it is the plain cross-entropy
     assert nm.forward_corrected_loss(logits, labels, torch.eye(3)).item() == pytest.approx(
         nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("noise_type, p, identifiable", [
+    ("label_flip", 0.9, False), ("label_flip", 0.89, True), ("label_flip", 0.95, True),
+    ("label_uniform", 1.0, False), ("label_uniform", 0.99, True), ("label_pairflip", 0.5, False),
+    ("label_pairflip", 0.4, True)])
+def test_forward_correction_is_refused_where_the_transition_matrix_is_singular(noise_type, p, identifiable):
+    cfg = TrainConfig(noise_type=noise_type, p=p, loss_correction="forward")
+    problem = nm.forward_correction_problem(cfg)
+    assert (problem is None) == identifiable
+    assert problem is None or f"T of {noise_type} at p={p:g} has condition number" in problem
+    assert nm.forward_correction_problem(TrainConfig(noise_type=noise_type, p=p)) is None  # no correction
 
 
 def test_training_loss_uses_the_runs_true_transition_matrix():

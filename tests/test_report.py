@@ -1,0 +1,52 @@
+"""The researcher's path after a campaign: the report, and a checkout that stays clean."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import results_store as rs
+from conftest import tiny_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_report_renders_while_the_campaign_runs(mnist, mnist_dir, tmp_path):
+    """`plots.py DIR --report` works mid-sweep, from the CSVs written so far, and the sweep goes on."""
+    out = tmp_path / "out"
+    argv = tiny_argv(out, mnist_dir, "--max_train_samples", "20000", "--epochs", "2", "--max_workers", "1")
+    with open(tmp_path / "campaign.out", "w") as log:
+        campaign = subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / rs.PER_RUN_CSV).is_file():
+            assert campaign.poll() is None and time.monotonic() < deadline, (tmp_path / "campaign.out").read_text()
+            time.sleep(0.1)
+        report = subprocess.run([sys.executable, "plots.py", str(out), "--report"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert campaign.poll() is None, "the campaign should still be running"
+        assert report.returncode == 0, report.stderr
+        assert str(out / "report.html") in report.stdout.splitlines()
+        html = (out / "report.html").read_text()
+        assert "Test accuracy vs noise level" in html and "data:image/png;base64" in html
+        assert campaign.wait(timeout=300) == 0
+    finally:
+        if campaign.poll() is None:
+            campaign.kill()
+
+
+@pytest.mark.slow
+def test_readme_smoke_command_leaves_a_clean_checkout_clean(mnist_dir, tmp_path):
+    """In a fresh clone, the README's smoke campaign writes only ignored files."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    run = subprocess.run([sys.executable, "run_experiments.py", "--smoke", "--data_dir", str(mnist_dir)], cwd=clone,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (clone / "results" / "smoke" / rs.SUMMARY_CSV).is_file()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                            capture_output=True, text=True, check=True)
+    assert status.stdout == ""
