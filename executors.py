@@ -1,9 +1,7 @@
 """Run a function over many items in parallel: on local worker processes, or on a Dask cluster.
 
-Both executors yield `(item, outcome)` as items finish, in completion order; `outcome` is
-`fn(item)`'s return value, or the exception it raised, or `WorkerDied` when the item killed
-its worker process every time it ran. They know nothing about what the items are.
-"""
+Both executors yield `(item, outcome)` in completion order; `outcome` is `fn(item)`'s return value, or the
+exception it raised, or `WorkerDied` when the item killed its worker process every time it ran."""
 from __future__ import annotations
 
 import itertools
@@ -19,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 CRASHED = object()  # the outcome of an item that was running when a worker process died
+_started = None  # in a worker: the queue through which it announces each item it starts
 
 
 class WorkerDied(RuntimeError):
@@ -39,19 +38,12 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# ---------------------------------------------------------------- local process pool
-
-
 def run_local(fn, items, workers: int, threads: int = 1, pin_cpus: bool = True, use_cuda: bool = False,
               max_attempts: int = 3):
-    """Run fn over items on `workers` processes of `threads` CPU threads each. `items` may be a
-    deque that the caller extends while it iterates: what it appends is run too.
-
-    A worker that dies breaks the whole pool: a new pool takes over. The items that were
-    running then are suspects and are rerun one at a time, so that only an item that kills
-    its worker while running alone is charged; after `max_attempts` such deaths its outcome
-    is `WorkerDied`. Every other item simply finishes.
-    """
+    """Run fn over items on `workers` processes of `threads` CPU threads each. `items` may be a deque that the
+    caller extends while it iterates: what it appends is run too. A worker that dies breaks the pool; a new one
+    takes over and reruns the items that were running one at a time, so that only an item that kills its worker
+    while running alone is charged: after `max_attempts` such deaths its outcome is `WorkerDied`."""
     queue = items if isinstance(items, deque) else deque(items)
     suspects: deque = deque()
     deaths: dict[int, int] = {}  # by id(item)
@@ -106,9 +98,6 @@ def _pool_outcomes(fn, source: deque, workers: int, threads: int, pin_cpus: bool
             source.appendleft(item)
 
 
-_started = None  # in a worker: the queue through which it announces each item it starts
-
-
 def _init_worker(owner: int, threads: int, slots: list[list[int]] | None, slot_counter, started) -> None:
     global _started
     _started = started
@@ -131,14 +120,12 @@ def _exit_when_gone(pid: int) -> None:
     import psutil
 
     def watch() -> None:
-        while True:
-            time.sleep(1)
-            try:
-                gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                gone = True
-            if gone:
-                os._exit(1)
+        try:
+            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                time.sleep(1)
+        except psutil.NoSuchProcess:
+            pass
+        os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
 
@@ -162,10 +149,8 @@ def _start_method(threads: int, use_cuda: bool, preload: str):
 
 def _cpu_slots(workers: int, threads: int) -> list[list[int]] | None:
     """Disjoint sets of `threads` cores, one per worker, or None where that is impossible."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    if workers * threads > len(cpus):
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    if not cpus or workers * threads > len(cpus):
         return None
     return [cpus[i * threads : (i + 1) * threads] for i in range(workers)]
 
@@ -183,14 +168,10 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.join()
 
 
-# ---------------------------------------------------------------- Dask
-
-
 def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...] = (), connect_timeout: float = 10):
-    """Run fn over items on the Dask cluster at `address`; the files in `upload` (the modules
-    fn needs) are sent to every worker, so that workers need only the Python environment.
-    A worker that dies has its item rescheduled by Dask; one that kills workers too often
-    gets `WorkerDied`. A scheduler that is unreachable or lost raises SchedulerUnavailableError."""
+    """Run fn over items on the Dask cluster at `address`; workers need only the Python environment, as the files
+    in `upload` (the modules fn needs) are sent to them. Dask reschedules a dead worker's item; one that kills
+    workers too often gets `WorkerDied`. An unreachable or lost scheduler raises SchedulerUnavailableError."""
     from distributed import Client
     from distributed import as_completed as dask_completed
 
@@ -218,6 +199,27 @@ def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...]
         _close_quietly(client)
 
 
+def _connect(client_class, address: str, timeout: float):
+    """A client of the scheduler at `address`. Dask's own timeout does not cover a server that accepts the
+    connection but never answers as a scheduler would, so the wait is bounded here too."""
+    attempt: dict = {}
+
+    def connect() -> None:
+        try:
+            attempt["client"] = client_class(address, timeout=timeout, set_as_default=False)
+        except Exception as exc:  # reported below, in the caller's thread
+            attempt["error"] = exc
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if "client" in attempt:
+        return attempt["client"]
+    reason = attempt.get("error", f"no answer to Dask's handshake within {timeout + 5:g} s: is it a Dask scheduler?")
+    raise SchedulerUnavailableError(f"no Dask scheduler answered at {address!r} within {timeout:g} s; start one "
+                                    f"with `dask scheduler` and check the host and the port ({reason})")
+
+
 def _dask_outcome(future, client, address: str, unfinished: int):
     from distributed import KilledWorker
 
@@ -230,15 +232,6 @@ def _dask_outcome(future, client, address: str, unfinished: int):
             raise SchedulerUnavailableError(f"lost the Dask scheduler at {address!r} ({str(exc).splitlines()[0]}); "
                                             f"{unfinished} items did not finish") from exc
         return exc
-
-
-def _connect(client_class, address: str, timeout: float):
-    try:
-        return client_class(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise SchedulerUnavailableError(
-            f"no Dask scheduler answered at {address!r} within {timeout:g} s; start one with "
-            f"`dask scheduler` and check the host and the port ({exc})") from exc
 
 
 def _close_quietly(client) -> None:

@@ -1,10 +1,7 @@
-"""One training run: data, noise, models, and the train/evaluate loop.
+"""One training run (data, noise, models, train/evaluate): a `TrainConfig` in, a flat dict of results out.
 
-Nothing here knows about grids, pools, CSVs or progress bars: a `TrainConfig` goes in and
-`train_and_evaluate` returns a flat dict of results. The dataset is decoded once per process
-into uint8 tensors and training batches are built by indexing them: no per-sample Python and
-no DataLoader (docs/performance.md).
-"""
+The dataset is decoded once per process into uint8 tensors and batches are built by indexing them: no
+per-sample Python and no DataLoader (docs/performance.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -36,34 +33,26 @@ OPTIMIZERS = ("adam", "sgd")
 LOSS_CORRECTIONS = ("none", "forward")
 PRECISIONS = ("float32", "bfloat16")
 # The final metrics of a run (columns of results_per_run.csv) and the ones kept per epoch.
-METRICS = [
-    "test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall",
-    "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss",
-    "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy",
-    "selected_epoch", "selected_test_accuracy", "selected_test_loss",
-    "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds",
-]
-HISTORY_METRICS = [
-    "test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
-    "corrupted_true_fraction", "clean_train_accuracy", "validation_loss",
-]
+METRICS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
+           "test_ece", "test_mean_confidence", "train_loss", "memorised_fraction", "corrupted_true_fraction",
+           "clean_train_accuracy", "selected_epoch", "selected_test_accuracy", "selected_test_loss",
+           "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds"]
+HISTORY_METRICS = ["test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
+                   "corrupted_true_fraction", "clean_train_accuracy", "validation_loss"]
 MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after each epoch
 EVAL_BATCH_SIZE = 256  # docs/performance.md: evaluation batch size
+MAX_CONDITION = 1e4  # of T, for forward correction: beyond, its inverse amplifies round-off into the model
 
 TORCHVISION_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}  # training-set pixel mean, std
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
+IDX_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+             "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+_DATASET_CACHE: dict[tuple[str, str], Dataset] = {}  # load_dataset's, by (dataset, resolved data_dir)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines one training run."""
-
     dataset: str = "mnist"
     model_type: str = "mlp"
     activation: str = "relu"
@@ -88,21 +77,13 @@ class TrainConfig:
 
     @property
     def draws_pixel_noise(self) -> bool:
-        """Whether training batches get pixel noise: at p = 0 replacing no pixel changes
-        nothing, so none is drawn and the run is the same as without noise, bit for bit."""
+        """Whether batches get pixel noise: none at p = 0, so that run is the noiseless one, bit for bit."""
         return self.noise_type in PIXEL_NOISE_TYPES and self.p > 0
 
 
-# ---------------------------------------------------------------- randomness
-
-
 def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for one named random stream of a run.
-
-    Separate streams for init, data order, label noise and pixel noise mean that changing
-    p or the noise type changes only the noise: repeat r shares its initial weights and
-    batch order across every p (common random numbers).
-    """
+    """A 63-bit seed for one named random stream of a run: with separate streams, repeat r shares its
+    initial weights and batch order across every p and noise type (common random numbers)."""
     digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -118,25 +99,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(stream_seed(seed, "init"))
 
 
-# ---------------------------------------------------------------- data
-
-
 class DataNotFoundError(FileNotFoundError):
     """The IDX files of a dataset are missing and could not be downloaded."""
 
 
 class Dataset(NamedTuple):
     """A dataset in memory: images uint8 of shape (N, 1, 28, 28), labels int64."""
-
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-
-
-def _candidate_dirs(dataset: str, data_dir: str | Path) -> list[Path]:
-    root = Path(data_dir).expanduser()
-    return [root / TORCHVISION_NAMES[dataset] / "raw", root]
 
 
 def _find_idx_file(directory: Path, filename: str) -> Path | None:
@@ -148,7 +120,8 @@ def _find_idx_file(directory: Path, filename: str) -> Path | None:
 
 def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
     """The directory holding all four IDX files (gzipped or not), or None."""
-    for directory in _candidate_dirs(dataset, data_dir):
+    root = Path(data_dir).expanduser()
+    for directory in (root / TORCHVISION_NAMES[dataset] / "raw", root):
         if all(_find_idx_file(directory, name) for name in IDX_FILES.values()):
             return directory
     return None
@@ -168,11 +141,10 @@ def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) ->
             reason = f"download failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     found = find_raw_dir(dataset, data_dir)
     if found is None:
-        expected = _candidate_dirs(dataset, data_dir)[0].resolve()
-        raise DataNotFoundError(
-            f"{dataset} data not found under data_dir={str(data_dir)!r} ({reason}). "
-            f"Put the four files {', '.join(IDX_FILES.values())} into {expected}/ "
-            f"or set data_dir to a directory that holds them directly.")
+        expected = (Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw").resolve()
+        raise DataNotFoundError(f"{dataset} data not found under data_dir={str(data_dir)!r} ({reason}). "
+                                f"Put the four files {', '.join(IDX_FILES.values())} into {expected}/ "
+                                f"or set data_dir to a directory that holds them directly.")
     return found
 
 
@@ -189,11 +161,10 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as exc:
         raise DataFileError(f"{path} cannot be decoded ({type(exc).__name__}: {exc}); download it again") from exc
     magic = int.from_bytes(data[0:4], "big")
-    ndim = magic & 0xFF
-    if len(data) < 4 + 4 * ndim or magic >> 8 != 0x08:  # 0x08 = unsigned byte
+    offset = 4 + 4 * (magic & 0xFF)  # the low byte is the number of dimensions, each a 4-byte size
+    if len(data) < offset or magic >> 8 != 0x08:  # 0x08 = unsigned byte
         raise DataFileError(f"{path} is not an IDX file of unsigned bytes (magic number {magic:#x})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[i : i + 4], "big") for i in range(4, offset, 4))
     if len(data) - offset != np.prod(shape):
         raise DataFileError(f"{path} holds {len(data) - offset} bytes of data but its header announces shape "
                             f"{shape}: the file is truncated or corrupt; download it again")
@@ -211,29 +182,21 @@ def check_split(names: dict[str, Path], images: np.ndarray, labels: np.ndarray, 
         raise DataFileError(f"{names[f'{split}_labels']} has label {labels.max()}; labels must be 0-{NUM_CLASSES - 1}")
 
 
-_DATASET_CACHE: dict[tuple[str, str], Dataset] = {}
-
-
 def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Dataset:
-    """The dataset decoded into tensors and checked, once per process (forked workers share the copy).
-    Raises DataNotFoundError or DataFileError naming the file and what is wrong with it."""
+    """The dataset decoded into tensors and checked, once per process (forked workers share the copy)."""
     key = (dataset, str(Path(data_dir).expanduser().resolve()))
     if key not in _DATASET_CACHE:
         raw_dir = ensure_dataset(dataset, data_dir, download)
         paths = {name: _find_idx_file(raw_dir, f) for name, f in IDX_FILES.items()}
         arrays = {name: read_idx(path) for name, path in paths.items()}
+        tensors = {}
         for split in ("train", "test"):
-            check_split(paths, arrays[f"{split}_images"], arrays[f"{split}_labels"], split)
-        _DATASET_CACHE[key] = Dataset(
-            train_images=torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
-            train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-            test_images=torch.from_numpy(arrays["test_images"].copy()).unsqueeze(1),
-            test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
-        )
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            check_split(paths, images, labels, split)
+            tensors[f"{split}_images"] = torch.from_numpy(images.copy()).unsqueeze(1)
+            tensors[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
+        _DATASET_CACHE[key] = Dataset(**tensors)
     return _DATASET_CACHE[key]
-
-
-# ---------------------------------------------------------------- noise
 
 
 def check_noise_matrix(matrix, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -271,20 +234,13 @@ def transition_matrix(noise_type: str, p: float, noise_matrix=None, num_classes:
     return (1 - p) * identity + p * noise
 
 
-def corrupt_labels(
-    labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
-    num_classes: int = NUM_CLASSES, noise_matrix=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy labels, and the bool mask of the examples given a new label (for label_matrix:
-    of the examples whose label changed).
-
-    `label_uniform`, `label_flip` and `label_pairflip` pick exactly round(p*N) examples at
-    random; `label_uniform` draws their new label from all K classes (it may equal the true
-    one), `label_flip` from the K-1 other classes, `label_pairflip` sets it to (y + 1) mod K.
-    The draws do not depend on p, so for one generator seed the set at a smaller p is a
-    subset of the one at a larger p. `label_matrix` draws every example's label from row y of
-    T = (1 - p) I + p M.
-    """
+def corrupt_labels(labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
+                   num_classes: int = NUM_CLASSES, noise_matrix=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy labels, and the bool mask of the examples given a new label (label_matrix: whose label changed).
+    label_uniform, label_flip and label_pairflip relabel exactly round(p*N) random examples: from all K classes
+    (it may be the true one), from the K-1 others, or to (y + 1) mod K. The draws do not depend on p, so for one
+    seed the set at a smaller p is a subset of the one at a larger p. label_matrix draws every label from row y
+    of T = (1 - p) I + p M."""
     n, device = len(labels), labels.device
     if noise_type == "label_matrix":
         rows = transition_matrix(noise_type, p, noise_matrix, num_classes).to(device)[labels]
@@ -324,13 +280,9 @@ def grey_level_quantiles(cdf: torch.Tensor, size: int = 2**16) -> torch.Tensor:
 
 def corrupt_pixels(images: torch.Tensor, p: float, generator: torch.Generator,
                    quantiles: torch.Tensor | None = None, white: float = 1.0) -> torch.Tensor:
-    """A copy of float `images` (white = `white`) with each pixel replaced independently with
-    probability p, by a value from U[0, white) or, given `quantiles` (`grey_level_quantiles`),
-    from that grey-level distribution.
-
-    One uniform u per pixel decides both: the pixel is replaced if u < p, and then u / p is
-    itself U[0, 1) and independent of the image, so it serves as the replacement's uniform.
-    """
+    """A copy of float `images` (white = `white`) with each pixel replaced independently with probability p,
+    by a value from U[0, white) or, given `quantiles` (`grey_level_quantiles`), from that distribution. One
+    uniform u per pixel decides both: replaced if u < p, and then u / p is U[0, 1), the replacement's uniform."""
     if p == 0:
         return images.clone()
     u = torch.rand(images.shape, generator=generator, device=images.device)
@@ -341,9 +293,6 @@ def corrupt_pixels(images: torch.Tensor, p: float, generator: torch.Generator,
         cells = u.mul_(len(quantiles) / p).long().clamp_(max=len(quantiles) - 1)
         values = quantiles[cells].mul_(white)
     return torch.lerp(images, values, replaced, out=values)
-
-
-# ---------------------------------------------------------------- models
 
 
 def make_activation(name: str) -> nn.Module:
@@ -377,9 +326,8 @@ class SimpleCNN(nn.Sequential):
     """Two conv blocks (32 and 64 channels), a 128-unit dense layer, 10 outputs."""
 
     def __init__(self, activation: str):
-        super().__init__(
-            *conv_block(1, 32, activation), *conv_block(32, 64, activation), nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128), make_activation(activation), nn.Linear(128, NUM_CLASSES))
+        super().__init__(*conv_block(1, 32, activation), *conv_block(32, 64, activation), nn.Flatten(),
+                         nn.Linear(64 * 7 * 7, 128), make_activation(activation), nn.Linear(128, NUM_CLASSES))
 
 
 def build_model(model_type: str, activation: str, hidden_sizes: tuple[int, ...] = (256, 128)) -> nn.Module:
@@ -435,16 +383,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     return Optimizer(model, cfg)
 
 
-# ---------------------------------------------------------------- training
-
-
 class BatchSource:
     """Turns indices into batches: gather the uint8 images, add pixel noise, standardize."""
 
     def __init__(self, cfg: TrainConfig, images_uint8: torch.Tensor, device: torch.device,
                  stream: str = "pixel_noise", cdf: torch.Tensor | None = None):
-        self.images, self.p = images_uint8, cfg.p
-        self.pixel_noise = cfg.draws_pixel_noise
+        self.images, self.p, self.pixel_noise = images_uint8, cfg.p, cfg.draws_pixel_noise
         self.cdf = None
         if cfg.noise_type == "pixel_empirical":  # the noise looks like these images
             self.cdf = pixel_intensity_cdf(images_uint8) if cdf is None else cdf
@@ -466,14 +410,10 @@ def forward_corrected_loss(logits: torch.Tensor, noisy_labels: torch.Tensor, tra
     return nn.functional.nll_loss(noisy_probs.clamp_min(1e-12).log(), noisy_labels)
 
 
-MAX_CONDITION = 1e4  # of T, for forward correction: beyond, its inverse amplifies round-off into the model
-
-
 def forward_correction_problem(cfg: TrainConfig) -> str | None:
-    """Why forward correction cannot recover the clean posterior of this run, or None. With T
-    singular (label_flip at p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly
-    conditioned, the noisy labels do not identify the clean ones and the corrected loss has no
-    useful gradient: the run is not trained at all rather than reported as a meaningless model."""
+    """Why forward correction cannot recover this run's clean posterior, or None. With T singular (label_flip at
+    p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly conditioned, the noisy labels do not
+    identify the clean ones: the run is not trained at all rather than reported as a meaningless model."""
     if cfg.loss_correction != "forward":
         return None
     condition = torch.linalg.cond(transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).item()
@@ -494,9 +434,8 @@ def training_loss(cfg: TrainConfig, device: torch.device):
 
 
 def training_precision(precision: str, device: torch.device):
-    """The context of the training forward passes: under "bfloat16", autocast runs matrix
-    products and convolutions (and their gradients) in bfloat16, while the weights, their
-    gradients and the optimizer state stay float32."""
+    """The context of the training forward passes: under "bfloat16", autocast runs matrix products and
+    convolutions (and their gradients) in bfloat16; weights, gradients and optimizer state stay float32."""
     if precision == "float32":
         return contextlib.nullcontext()
     if precision == "bfloat16":
@@ -518,9 +457,8 @@ class DivergedError(ArithmeticError):
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
                     indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy,
                     precision: str = "float32") -> float:
-    """One pass over the training examples (`indices`, default all) in random order; returns
-    the mean training loss (computed in float32 from the logits in any precision). Raises
-    DivergedError, naming the step (batch) of this epoch, once the loss is not finite."""
+    """One pass over the training examples (`indices`, default all) in random order; returns the mean loss (in
+    float32 from logits of any precision). Raises DivergedError, naming the step, once the loss is not finite."""
     model.train()
     n = len(labels) if indices is None else len(indices)
     order = torch.randperm(n, generator=order_generator, device=labels.device)
@@ -570,12 +508,8 @@ def fits_tiny_subset(cfg: TrainConfig, data: Dataset, n: int = 100, steps: int =
     return accuracy, loss.item()
 
 
-# ---------------------------------------------------------------- one run
-
-
 class RunData(NamedTuple):
     """The tensors of one run, on its device."""
-
     source: BatchSource            # noisy training batches
     clean_source: BatchSource      # the same images without noise, for evaluation
     labels: torch.Tensor           # training labels as trained on (noisy for label noise)
@@ -643,32 +577,24 @@ def summarise_history(history: dict[str, list[float]]) -> dict:
 
 
 def noisy_test_metrics(model: nn.Module, cfg: TrainConfig, run: RunData, clean: dict) -> dict:
-    """For pixel noise: accuracy and cross-entropy on test images with the training noise
-    (at p = 0 those are the clean test images)."""
-    if not cfg.draws_pixel_noise:
-        return {"noisy_test_accuracy": clean["test_accuracy"], "noisy_test_loss": clean["test_loss"]}
-    noisy = BatchSource(cfg, run.test_source.images, run.test_labels.device, "test_noise", run.source.cdf)
-    indices = torch.arange(len(run.test_labels), device=run.test_labels.device)
-    metrics = classification_metrics(predict(model, noisy, indices), run.test_labels)
+    """For pixel noise: accuracy and cross-entropy on test images with the training noise (at p = 0: clean)."""
+    metrics = clean
+    if cfg.draws_pixel_noise:
+        noisy = BatchSource(cfg, run.test_source.images, run.test_labels.device, "test_noise", run.source.cdf)
+        indices = torch.arange(len(run.test_labels), device=run.test_labels.device)
+        metrics = classification_metrics(predict(model, noisy, indices), run.test_labels)
     return {"noisy_test_accuracy": metrics["test_accuracy"], "noisy_test_loss": metrics["test_loss"]}
 
 
-def select_device(use_cuda: bool) -> torch.device:
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("use_cuda=True but no CUDA device is available")
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
-    """Train one model on (possibly corrupted) training data; evaluate it on the clean test set.
-
-    Returns a flat dict: every config field, the final metrics (`METRICS`), `n_params`, the
-    per-epoch history as lists (`history_<metric>`) and the final reliability-diagram bins.
-    """
+    """Train one model on (possibly corrupted) training data and evaluate it on the clean test set: a flat dict of
+    every config field, the final `METRICS`, `n_params`, the `history_<metric>` lists and the reliability bins."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, cfg.cpu_threads))
     torch.set_flush_denormal(True)  # docs/performance.md: subnormal Adam moments
-    device = select_device(cfg.use_cuda)
+    if cfg.use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("use_cuda=True but no CUDA device is available")
+    device = torch.device("cuda" if cfg.use_cuda else "cpu")
     run = prepare_run(cfg, data or load_dataset(cfg.dataset, cfg.data_dir), device)
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)

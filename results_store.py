@@ -1,10 +1,7 @@
-"""Finished runs on disk, and every table derived from them.
+"""Finished runs on disk, and every table and statistic derived from them.
 
-Each finished run (ok or failed) is one JSON record `runs/<run_id>.json`, written to a
-temporary name, fsynced and renamed, so a reader never sees a torn record whatever kills the
-campaign. The CSVs are derived from that store and can be rewritten at any time; the
-statistics the figures show (means, standard errors, confidence intervals) are computed here.
-"""
+Each run is one JSON record `runs/<run_id>.json`, written atomically: whatever kills the campaign, a reader
+never sees a torn record. The CSVs are derived from those records and can be rewritten at any time."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +36,7 @@ STATISTICS = ("mean", "std", "stderr", "ci95_low", "ci95_high")
 # A run's clean partner: the same settings and seed at p = 0, whatever the noise type.
 PAIR_FIELDS = [name for name in GROUP_FIELDS if name not in ("p", "noise_type", "noise_matrix")]
 DELTA_METRICS = ["test_accuracy", "test_loss"]
+STATUSES = ("ok", "failed", "diverged", "not_identifiable")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,8 +59,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def csv_value(value):
-    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise
-    matrix as JSON text."""
+    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise matrix as JSON."""
     if isinstance(value, tuple) and value and isinstance(value[0], tuple):
         return json.dumps([list(row) for row in value])
     if isinstance(value, tuple):
@@ -98,9 +95,6 @@ class RunStore:
         return records
 
 
-STATUSES = ("ok", "failed", "diverged", "not_identifiable")
-
-
 def check_record(record, run_id: str) -> None:
     """Raise ValueError unless `record` is a complete run record of `run_id`."""
     if not isinstance(record, dict):
@@ -119,15 +113,11 @@ def check_record(record, run_id: str) -> None:
             raise ValueError("its history or reliability bins are missing or incomplete")
 
 
-# ---------------------------------------------------------------- statistics
-
-
 def describe(values: pd.Series) -> dict[str, float]:
     """Mean, sample std (ddof=1), standard error and the t-based 95% CI of the mean."""
-    n = values.count()
-    mean = values.mean()
+    n, mean = values.count(), values.mean()
     if n < 2:
-        return {"mean": mean, "std": math.nan, "stderr": math.nan, "ci95_low": math.nan, "ci95_high": math.nan}
+        return {"mean": mean, **dict.fromkeys(STATISTICS[1:], math.nan)}
     std = values.std(ddof=1)
     stderr = std / math.sqrt(n)
     half_width = stats.t.ppf(0.975, n - 1) * stderr
@@ -135,8 +125,7 @@ def describe(values: pd.Series) -> dict[str, float]:
 
 
 def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
-    """One row per distinct value of `by`: n, then M_mean, M_std, M_stderr, M_ci95_low and
-    M_ci95_high for every metric M (missing metrics give empty columns)."""
+    """One row per value of `by`: n, then M_<statistic> for every metric M (missing metrics give empty columns)."""
     frame = frame.reindex(columns=list(dict.fromkeys([*by, *metrics])))
     rows = []
     # dropna=False: max_train_samples and noise_matrix are empty for "all samples" and "none".
@@ -146,11 +135,7 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
             values = pd.to_numeric(group[metric], errors="coerce")
             row.update({f"{metric}_{name}": value for name, value in describe(values).items()})
         rows.append(row)
-    columns = [*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
-    return pd.DataFrame(rows, columns=columns)
-
-
-# ---------------------------------------------------------------- derived tables
+    return pd.DataFrame(rows, columns=[*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)])
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
@@ -161,9 +146,8 @@ def per_run_table(records: list[dict]) -> pd.DataFrame:
 
 
 def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
-    """`ok` runs with delta_M for M in DELTA_METRICS: M minus M of the clean partner run, the run
-    at p = 0 with the same seed and settings (the noise type aside: at p = 0 every noise type
-    is the same run). Empty at p = 0 and where no partner was run."""
+    """`ok` runs with delta_M for M in DELTA_METRICS: M minus M of the clean partner, the run at p = 0 with the
+    same seed and settings, any noise type (at p = 0 all are the same run). Empty at p = 0 and with no partner."""
     keys = PAIR_FIELDS + ["seed"]
     clean = ok[ok["p"] == 0].drop_duplicates(keys)[keys + DELTA_METRICS]
     paired = ok.merge(clean, on=keys, how="left", suffixes=("", "_clean"))
@@ -173,37 +157,29 @@ def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.DataFrame:
-    """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the
-    paired differences from the clean baseline. With a precision `target`, the test accuracy's
-    interval is the two-stage one that the number of repeats was chosen for (`Target`)."""
+    """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the paired differences
+    from the clean baseline; with a precision `target`, test accuracy gets the two-stage interval (`Target`)."""
     ok = per_run[per_run["status"] == "ok"]
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
     return summary if target is None else with_two_stage_intervals(summary, ok, target)
 
 
-# ---------------------------------------------------------------- a precision target
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Repeats chosen per experiment for a 95% CI of mean test accuracy at most `half_width`
-    wide on each side (Stein's two-stage rule). The first `first_stage` repeats estimate the
-    spread s0; the experiment then gets n = (t * s0 / half_width)^2 repeats in all (t: the 97.5%
-    t quantile with first_stage - 1 degrees of freedom), at most `max_repeats`, and its interval
-    is mean(all n) +- t * s0 / sqrt(n). Choosing n from the data and then using a plain t
-    interval would cover the mean less often than 95% (docs/statistics.md)."""
-
+    """Repeats per experiment for a 95% CI of mean test accuracy at most `half_width` wide on each side (Stein's
+    two-stage rule): the first `first_stage` repeats' spread s0 sets n = (t * s0 / half_width)^2, at most
+    `max_repeats`, and the interval mean(all n) +- t * s0 / sqrt(n), t the 97.5% t quantile at first_stage - 1
+    degrees of freedom. A plain t interval with n chosen from the data covers under 95% (docs/statistics.md)."""
     half_width: float
     first_stage: int
     max_repeats: int
 
     def repeats(self, first_stage_values) -> int:
         """The repeats an experiment needs, from the ok values of its first stage."""
-        values = pd.Series(first_stage_values, dtype=float)
-        if values.count() < 2:
+        if pd.Series(first_stage_values, dtype=float).count() < 2:
             return self.first_stage
-        t = stats.t.ppf(0.975, values.count() - 1)
-        return int(min(self.max_repeats, max(self.first_stage, math.ceil((t * values.std(ddof=1) / self.half_width) ** 2))))
+        t_s0 = self.half_width_of(first_stage_values, 1)  # t * s0: the half width at n = 1
+        return int(min(self.max_repeats, max(self.first_stage, math.ceil((t_s0 / self.half_width) ** 2))))
 
     def half_width_of(self, first_stage_values, n: int) -> float:
         values = pd.Series(first_stage_values, dtype=float)
@@ -225,54 +201,36 @@ def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Ta
 
 def history_table(records: list[dict]) -> pd.DataFrame:
     """Per-epoch metrics in long form: one row per (run, epoch)."""
-    rows = [
-        {**{k: record[k] for k in RUN_KEYS}, "epoch": epoch + 1,
-         **{m: record[f"history_{m}"][epoch] for m in nm.HISTORY_METRICS if f"history_{m}" in record}}
-        for record in records if record["status"] == "ok"
-        for epoch in range(len(record["history_test_loss"]))
-    ]
+    rows = [{**{k: record[k] for k in RUN_KEYS}, "epoch": epoch + 1,
+             **{m: record[f"history_{m}"][epoch] for m in nm.HISTORY_METRICS if f"history_{m}" in record}}
+            for record in records if record["status"] == "ok"
+            for epoch in range(len(record["history_test_loss"]))]
     return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + nm.HISTORY_METRICS)
 
 
 def reliability_table(records: list[dict]) -> pd.DataFrame:
     """Reliability-diagram bins of every run's final model on the clean test set, long form."""
     fields = ["count", "confidence", "accuracy"]
-    rows = [
-        {**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
-        for record in records if record["status"] == "ok"
-        for b in range(ECE_BINS)
-    ]
+    rows = [{**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
+            for record in records if record["status"] == "ok" for b in range(ECE_BINS)]
     return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + fields)
 
 
 def write_csvs(records: list[dict], output_dir: str | Path, target: Target | None = None) -> list[Path]:
     """(Re)write every CSV from the stored records; returns their paths."""
     per_run = per_run_table(records)
-    tables = {
-        PER_RUN_CSV: per_run,
-        SUMMARY_CSV: summary_table(per_run, target),
-        HISTORY_CSV: history_table(records),
-        RELIABILITY_CSV: reliability_table(records),
-    }
-    paths = []
+    tables = {PER_RUN_CSV: per_run, SUMMARY_CSV: summary_table(per_run, target),
+              HISTORY_CSV: history_table(records), RELIABILITY_CSV: reliability_table(records)}
     for name, table in tables.items():
-        paths.append(Path(output_dir) / name)
-        atomic_write_text(paths[-1], table.to_csv(index=False))
-    return paths
-
-
-# ---------------------------------------------------------------- reading a campaign back
+        atomic_write_text(Path(output_dir) / name, table.to_csv(index=False))
+    return [Path(output_dir) / name for name in tables]
 
 
 @dataclasses.dataclass
 class Results:
-    """A campaign's tables, as the figures use them.
-
-    runs: one row per run. summary: one row per experiment. curves: per experiment and
-    epoch, the history metrics' mean and standard error over repeats. reliability: per
-    experiment and confidence bin, the bins of all its runs pooled (weighted by count).
-    """
-
+    """A campaign's tables, as the figures use them. runs: one row per run. summary: one row per experiment.
+    curves: per experiment and epoch, the history metrics' mean and standard error over repeats. reliability:
+    per experiment and confidence bin, the bins of all its runs pooled (weighted by count)."""
     runs: pd.DataFrame
     summary: pd.DataFrame
     curves: pd.DataFrame
@@ -300,8 +258,7 @@ def read_csv(path: Path) -> pd.DataFrame:
 
 
 def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:
-    """Each experiment's reliability bins pooled over its runs, as if all their test predictions
-    were one set: bin accuracy and confidence averaged weighted by the bins' counts."""
+    """Each experiment's reliability bins pooled over its runs as if their test predictions were one set."""
     filled = reliability[reliability["count"] > 0]
     weighted = filled.assign(confidence=filled["confidence"] * filled["count"],
                              accuracy=filled["accuracy"] * filled["count"])

@@ -74,54 +74,36 @@ import metrics
 import nnet_models as nm
 import results_store as rs
 
-EXECUTORS = ("local", "dask")
 MAX_GRID_SIZE = 1_000_000
 CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often
-SMOKE_PRESET = {
-    "activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
-    "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke",
-}
+SMOKE_PRESET = {"activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
+                "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke"}
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One cell of the grid: a training config and its place in the campaign."""
-
     run_id: str
     repeat: int
     config: nm.TrainConfig
 
 
 class ConfigError(ValueError):
-    """The campaign's configuration is invalid (args[0]: every problem, one line each); nothing
-    has been run or written."""
+    """The configuration is invalid (args[0]: every problem, one line each); nothing was run or written."""
 
 
 # ---------------------------------------------------------------- command line
-
-
-def config_comments() -> dict[str, str]:
-    """The comment after each name of the config block: the help text of its flag."""
-    block = Path(__file__).read_text().split("# =====")[1]
-    return dict(re.findall(r"^(\w+) = .*?#\s*(.+)$", block, flags=re.MULTILINE))
-
-
 def parse_value(text: str, default):
     """A command-line value, parsed by the type of the config block's default."""
     if isinstance(default, str):  # paths and names stay text, even "123"
         return text
     if isinstance(default, list):
         items = [item.strip() for item in text.split(",") if item.strip()]
-        return items if default and isinstance(default[0], str) else [parse_scalar(i) for i in items]
-    return parse_scalar(text)
-
-
-def parse_scalar(text: str):
+        return items if default and isinstance(default[0], str) else [parse_value(i, None) for i in items]
     lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "yes", "false", "no"):
-        return lowered in ("true", "yes")
+    words = {"none": None, "null": None, "true": True, "yes": True, "false": False, "no": False}
+    if lowered in words:
+        return words[lowered]
     for number_type in (int, float):
         try:
             return number_type(text)
@@ -132,7 +114,8 @@ def parse_scalar(text: str):
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = config_comments()
+    block = Path(__file__).read_text().split("# =====")[1]  # the comment after each config name: its flag's help
+    comments = dict(re.findall(r"^(\w+) = .*?#\s*(.+)$", block, flags=re.MULTILINE))
     for name, default in defaults.items():
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         parser.add_argument(*sorted({f"--{name}", f"--{name.replace('_', '-')}"}), dest=name, metavar="VALUE",
@@ -151,18 +134,13 @@ def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     """The config block, then the --smoke preset, then explicit command-line values."""
     defaults = {name: globals()[name] for name in CONFIG_NAMES}
     args = build_parser(defaults).parse_args(argv)
-    config = dict(defaults)
-    if args.smoke:
-        config.update(SMOKE_PRESET)
-    for name in CONFIG_NAMES:
-        if getattr(args, name) is not None:
-            config[name] = parse_value(getattr(args, name), defaults[name])
+    config = {**defaults, **(SMOKE_PRESET if args.smoke else {})}
+    config.update({name: parse_value(getattr(args, name), defaults[name])
+                   for name in CONFIG_NAMES if getattr(args, name) is not None})
     return config, args
 
 
 # ---------------------------------------------------------------- validation
-
-
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -173,14 +151,10 @@ def is_number(value) -> bool:
 
 CHOICES = {"datasets": nm.DATASETS, "activations": nm.ACTIVATIONS, "model_types": nm.MODEL_TYPES,
            "noise_types": nm.NOISE_TYPES, "loss_corrections": nm.LOSS_CORRECTIONS}
-SCALAR_CHOICES = {"optimizer": nm.OPTIMIZERS, "precision": nm.PRECISIONS, "executor": EXECUTORS}
+SCALAR_CHOICES = {"optimizer": nm.OPTIMIZERS, "precision": nm.PRECISIONS, "executor": ("local", "dask")}
 RULES = {  # name: (check, what is allowed)
-    "repeats": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "cpu_threads_per_worker": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "max_attempts": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "max_repeats": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    **{name: (lambda v: is_int(v) and v >= 1, "an integer >= 1")
+       for name in ("repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts", "max_repeats")},
     "target_ci95": (lambda v: v is None or is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
     "max_workers": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
     "max_train_samples": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
@@ -220,21 +194,16 @@ def config_errors(config: dict) -> list[str]:
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
         errors.append(f"repeats: {config['repeats']} must be at least 3 and at most max_repeats "
                       f"({config['max_repeats']}) with target_ci95: it is then the minimum number of repeats")
-    return errors + noise_matrix_errors(config) + placement_errors(config)
-
-
-def noise_matrix_errors(config: dict) -> list[str]:
-    if "label_matrix" not in config["noise_types"]:
-        return []
-    if config["noise_matrix"] is None:
-        return ["noise_types has label_matrix but noise_matrix is None; give a K x K "
-                "row-stochastic matrix (nested list, JSON text or a .json file)"]
-    try:
-        parse_noise_matrix(config["noise_matrix"])
-    except (ValueError, OSError) as exc:
-        return [f"noise_matrix: {str(config['noise_matrix'])[:80]!r} is not a K x K row-stochastic matrix "
-                f"(nested list, JSON text or a .json file): {exc}"]
-    return []
+    if "label_matrix" in config["noise_types"] and config["noise_matrix"] is None:
+        errors.append("noise_types has label_matrix but noise_matrix is None; give a K x K "
+                      "row-stochastic matrix (nested list, JSON text or a .json file)")
+    elif "label_matrix" in config["noise_types"]:
+        try:
+            parse_noise_matrix(config["noise_matrix"])
+        except (ValueError, OSError) as exc:
+            errors.append(f"noise_matrix: {str(config['noise_matrix'])[:80]!r} is not a K x K row-stochastic "
+                          f"matrix (nested list, JSON text or a .json file): {exc}")
+    return errors + placement_errors(config)
 
 
 def placement_errors(config: dict) -> list[str]:
@@ -255,17 +224,6 @@ def placement_errors(config: dict) -> list[str]:
     return []
 
 
-def output_dir_error(output_dir: str) -> str | None:
-    """Why output_dir cannot be written, checked without creating anything."""
-    path = Path(output_dir).resolve()
-    existing = next(parent for parent in [path, *path.parents] if parent.exists())
-    if not existing.is_dir():
-        return f"output_dir: {output_dir!r} is not a directory ({existing} is a file)"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"output_dir: {output_dir!r} is not writable (no write permission on {existing})"
-    return None
-
-
 def validate(config: dict) -> None:
     """Raise ConfigError listing every problem, before anything runs or is written."""
     errors = config_errors(config)
@@ -273,7 +231,13 @@ def validate(config: dict) -> None:
         errors.append(f"the grid has {grid_size(config):,} runs, more than {MAX_GRID_SIZE:,}; "
                       "fewer ps, repeats or other factors")
     if not errors:
-        errors += filter(None, [output_dir_error(config["output_dir"])])
+        path = Path(config["output_dir"]).resolve()  # can output_dir be written? checked without creating anything
+        existing = next(parent for parent in [path, *path.parents] if parent.exists())
+        if not existing.is_dir():
+            errors.append(f"output_dir: {config['output_dir']!r} is not a directory ({existing} is a file)")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            errors.append(f"output_dir: {config['output_dir']!r} is not writable "
+                          f"(no write permission on {existing})")
         local_datasets = config["datasets"] if config["executor"] == "local" else []  # else the workers' data
         errors += [error for dataset in dict.fromkeys(local_datasets) for error in data_errors(dataset, config)]
     if errors:
@@ -281,7 +245,7 @@ def validate(config: dict) -> None:
 
 
 def data_errors(dataset: str, config: dict) -> list[str]:
-    """The data files decode and hold what they should, with enough training examples."""
+    """The data files decode and hold enough examples (decoded once: the forked workers share this copy)."""
     try:
         n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
     except (nm.DataNotFoundError, nm.DataFileError) as exc:
@@ -308,8 +272,6 @@ def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
 
 
 # ---------------------------------------------------------------- grid
-
-
 def repeat_seed(campaign_seed: int, repeat: int) -> int:
     """The seed of repeat r: the same at every p and noise type, so comparisons are paired."""
     return nm.stream_seed(campaign_seed, f"repeat/{repeat}") % 2**31
@@ -321,35 +283,32 @@ def run_key(cfg: nm.TrainConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ps_for(noise_type: str, config: dict) -> list[float]:
-    extra = config["extra_label_ps"] if noise_type in nm.LABEL_NOISE_TYPES else []
-    return sorted({float(p) for p in config["ps"] + extra})
+def noise_points(noise_type: str, config: dict) -> list[tuple[str, float]]:
+    """(loss correction, p) pairs of a noise type: corrections vary for label noise only (pixel noise: T = I)."""
+    label_noise = noise_type in nm.LABEL_NOISE_TYPES
+    ps = sorted({float(p) for p in config["ps"] + (config["extra_label_ps"] if label_noise else [])})
+    return list(itertools.product(config["loss_corrections"] if label_noise else ["none"], ps))
 
 
 def grid_size(config: dict) -> int:
     """The number of runs build_grid would make, counted without making them."""
-    per_noise = [len(ps_for(t, config)) * (len(config["loss_corrections"]) if t in nm.LABEL_NOISE_TYPES else 1)
-                 for t in config["noise_types"]]
-    return (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"])
-            * sum(per_noise) * config["repeats"])
+    return (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"]) * config["repeats"]
+            * sum(len(noise_points(noise_type, config)) for noise_type in config["noise_types"]))
 
 
 def build_grid(config: dict) -> list[RunSpec]:
-    """datasets x model_types x activations x noise_types (x loss_corrections) x ps x repeats.
-    Loss corrections vary for the label noise types only (under pixel noise T = I)."""
+    """datasets x model_types x activations x noise_types x noise_points x repeats."""
     shared = dict(
         hidden_sizes=tuple(config["hidden_sizes"]), epochs=config["epochs"], batch_size=config["batch_size"],
-        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]),
-        weight_decay=float(config["weight_decay"]), normalize=config["normalize"],
+        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]), normalize=config["normalize"],
+        weight_decay=float(config["weight_decay"]), validation_fraction=float(config["validation_fraction"]),
         cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
-        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"],
-        validation_fraction=float(config["validation_fraction"]))
+        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"])
     matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
     specs = []
     for dataset, model_type, activation, noise_type in itertools.product(
             config["datasets"], config["model_types"], config["activations"], config["noise_types"]):
-        corrections = config["loss_corrections"] if noise_type in nm.LABEL_NOISE_TYPES else ["none"]
-        for correction, p, repeat in itertools.product(corrections, ps_for(noise_type, config), range(config["repeats"])):
+        for (correction, p), repeat in itertools.product(noise_points(noise_type, config), range(config["repeats"])):
             point = nm.TrainConfig(
                 dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
                 loss_correction=correction, noise_matrix=matrix if noise_type == "label_matrix" else None, **shared)
@@ -364,16 +323,13 @@ def spec_for(point: nm.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
 
 
 class RepeatPlan:
-    """How many repeats each grid point gets: the config's `repeats`, or, with a precision target,
-    as many as its first stage asks for (results_store.Target)."""
+    """Repeats per grid point: the config's `repeats`, or as many as a precision target's first stage asks for."""
 
     def __init__(self, config: dict, specs: list[RunSpec]):
-        self.target = precision_target(config)
+        self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
+                       if config["target_ci95"] is not None else None)
         self.seed = config["seed"]
-        self.planned: dict[nm.TrainConfig, int] = {}
-        for spec in specs:
-            point = dataclasses.replace(spec.config, seed=0)
-            self.planned[point] = max(self.planned.get(point, 0), spec.repeat + 1)
+        self.planned = {dataclasses.replace(spec.config, seed=0): config["repeats"] for spec in specs}
 
     def extend(self, point: nm.TrainConfig, records: dict[str, dict]) -> list[RunSpec]:
         """The runs `point` needs beyond those planned, once its first stage is done."""
@@ -387,14 +343,7 @@ class RepeatPlan:
         return [spec_for(point, r, self.seed) for r in range(planned, n)]
 
     def capped(self) -> list[nm.TrainConfig]:
-        """The points that reached max_repeats."""
         return [point for point, n in self.planned.items() if self.target and n >= self.target.max_repeats]
-
-
-def precision_target(config: dict) -> rs.Target | None:
-    if config["target_ci95"] is None:
-        return None
-    return rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
 
 
 def resolved_workers(config: dict) -> int:
@@ -402,8 +351,6 @@ def resolved_workers(config: dict) -> int:
 
 
 # ---------------------------------------------------------------- one run, in a worker
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -428,15 +375,6 @@ def run_one(spec: RunSpec) -> dict:
     return run_record(spec, "ok", **result)
 
 
-def outcome_record(spec: RunSpec, outcome) -> dict:
-    """The record of a run from what its executor returned: a record, or an exception."""
-    if isinstance(outcome, executors.WorkerDied):
-        return {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
-    if isinstance(outcome, BaseException):
-        return run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
-    return outcome
-
-
 def execute(specs: list[RunSpec], config: dict):
     """(spec, outcome) of every run, as they finish, on the configured executor."""
     if config["executor"] == "dask":
@@ -448,8 +386,6 @@ def execute(specs: list[RunSpec], config: dict):
 
 
 # ---------------------------------------------------------------- the campaign
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -459,44 +395,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def campaign_metadata(config: dict, grid_size: int) -> dict:
-    return {
-        "config": config, "grid_size": grid_size,
-        "versions": {"python": platform.python_version(), "torch": nm.torch.__version__,
-                     "numpy": nm.np.__version__},
-        "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
-        "workers": resolved_workers(config), "started_at": now(), "finished_at": None,
-    }
-
-
-def count_statuses(specs: list[RunSpec], records: dict[str, dict]) -> dict[str, int]:
-    statuses = [records[s.run_id]["status"] if s.run_id in records else "pending" for s in specs]
-    return {"done": statuses.count("ok"), "failed": statuses.count("failed"),
-            "diverged": statuses.count("diverged"), "not_identifiable": statuses.count("not_identifiable"),
-            "pending": statuses.count("pending")}
-
-
 def runs_to_do(specs: list[RunSpec], records: dict[str, dict], config: dict) -> list[RunSpec]:
     """Runs never finished, plus failed ones while retry_failed and tries are left."""
-    def needs_run(spec: RunSpec) -> bool:
-        record = records.get(spec.run_id)
-        if record is None:
-            return True
+    def retry(record: dict) -> bool:
         return (record["status"] == "failed" and config["retry_failed"]
                 and record.get("attempts", 1) < config["max_attempts"])
-    return [spec for spec in specs if needs_run(spec)]
+    return [spec for spec in specs if spec.run_id not in records or retry(records[spec.run_id])]
 
 
 def move_aside(output_dir: Path) -> Path | None:
     """For --fresh: rename an existing output_dir to a timestamped sibling (never delete)."""
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return None
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = output_dir.with_name(f"{output_dir.name}.old-{stamp}")
-    suffix = 1
+    name = f"{output_dir.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    target, suffix = output_dir.with_name(name), 1
     while target.exists():
         suffix += 1
-        target = output_dir.with_name(f"{output_dir.name}.old-{stamp}-{suffix}")
+        target = output_dir.with_name(f"{name}-{suffix}")
     output_dir.rename(target)
     return target
 
@@ -515,8 +430,7 @@ class CampaignLockedError(RuntimeError):
 
 
 def lock_output_dir(output_dir: Path):
-    """Hold an exclusive lock on OUTPUT_DIR/campaign.lock while the campaign runs; it names the
-    holder. The kernel drops the lock when its process dies, so a dead campaign's lock is taken over."""
+    """Lock OUTPUT_DIR/campaign.lock, naming the holder; the kernel drops it when the holder dies (never stale)."""
     import fcntl
 
     handle = open(output_dir / "campaign.lock", "a+")
@@ -547,16 +461,19 @@ class Campaign:
         self.plan = RepeatPlan(config, specs)
         for point in list(self.plan.planned):  # a resumed campaign continues to its target
             self.specs += self.plan.extend(point, self.records)
-        self.metadata = campaign_metadata(config, len(specs))
-        self.log_file = open(self.output_dir / "campaign.log", "a")
+        versions = {"python": platform.python_version(), "torch": nm.torch.__version__, "numpy": nm.np.__version__}
+        self.metadata = {"config": config, "grid_size": len(specs), "versions": versions,
+                         "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
+                         "workers": resolved_workers(config), "started_at": now(), "finished_at": None}
+        self.log_file = open(self.output_dir / "campaign.log", "a", buffering=1)  # line-buffered: flushed per line
         self.csvs_written_at = -math.inf  # the first finished run is in the CSVs at once
-        self.started, self.done, self.bar = time.monotonic(), 0, None
+        self.done, self.bar = 0, None
 
     def start_progress(self, total: int) -> None:
         """A progress bar on a terminal; redirected output gets plain lines with an ETA only."""
         from tqdm import tqdm
 
-        self.started, self.total = time.monotonic(), total
+        self.started = time.monotonic()
         self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not total)
 
     def say(self, message: str, error: bool = False) -> None:
@@ -567,16 +484,17 @@ class Campaign:
         else:
             print(message, file=stream, flush=True)
         self.log_file.write(f"{now()} {message}\n")
-        self.log_file.flush()
 
     def write_metadata(self) -> None:
-        self.metadata.update(counts=count_statuses(self.specs, self.records), updated_at=now())
+        statuses = [self.records.get(s.run_id, {"status": "pending"})["status"] for s in self.specs]
+        counts = {"done": statuses.count("ok")}
+        counts.update((s, statuses.count(s)) for s in ("failed", "diverged", "not_identifiable", "pending"))
+        self.metadata.update(counts=counts, updated_at=now())
         rs.atomic_write_text(self.output_dir / rs.CAMPAIGN_JSON, json.dumps(self.metadata, indent=2, default=str))
 
     def add(self, record: dict) -> None:
         """Store a finished run before anything is said about it; refresh the CSVs now and then."""
-        previous = self.records.get(record["run_id"], {})
-        record["attempts"] = record.get("attempts", 1) + previous.get("attempts", 0)
+        record["attempts"] = record.get("attempts", 1) + self.records.get(record["run_id"], {}).get("attempts", 0)
         self.store.save(record)
         self.records[record["run_id"]] = record
         self.write_metadata()
@@ -584,13 +502,12 @@ class Campaign:
             rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
             self.csvs_written_at = time.monotonic()
         self.done += 1
-        remaining = (time.monotonic() - self.started) / self.done * (self.total - self.done)
-        self.say(f"[{self.done}/{self.total}, ETA {duration(remaining)}] {describe_run(record)}")
+        remaining = (time.monotonic() - self.started) / self.done * (self.bar.total - self.done)
+        self.say(f"[{self.done}/{self.bar.total}, ETA {duration(remaining)}] {describe_run(record)}")
         self.bar.update()
 
     def write_outputs(self, finished: bool) -> None:
-        """The CSVs and figures from every stored record (the files are the truth: a signal may
-        land between a save and its bookkeeping)."""
+        """The CSVs and figures, from the stored records (a signal may land between a save and its bookkeeping)."""
         self.records = self.store.load()
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
@@ -605,10 +522,6 @@ class Campaign:
     def close(self) -> None:
         self.log_file.close()
         self.lock.close()
-
-
-def raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def run_campaign(config: dict, fresh: bool = False) -> int:
@@ -627,13 +540,9 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     try:
         todo = runs_to_do(specs, campaign.records, config)
         campaign.write_metadata()
-        if config["executor"] == "local":
-            for dataset in dict.fromkeys(config["datasets"]):  # decoded once; forked workers share it
-                nm.load_dataset(dataset, config["data_dir"])
-            where = f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
-        else:
-            where = f"the Dask cluster at {config['dask_scheduler']}"
-        done = count_statuses(specs, campaign.records)["done"]
+        where = (f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
+                 if config["executor"] == "local" else f"the Dask cluster at {config['dask_scheduler']}")
+        done = campaign.metadata["counts"]["done"]
         given_up = len(specs) - len(todo) - done
         campaign.say(f"{len(specs)} runs in the grid, {done} already done, "
                      + (f"{given_up} failed or diverged for good (not rerun), " if given_up else "")
@@ -651,15 +560,18 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
 def run_all(campaign: Campaign, todo: list[RunSpec]) -> str:
     """Run and store `todo`: "finished", "interrupted" (Ctrl-C, SIGTERM) or "stopped" (scheduler lost)."""
     campaign.start_progress(len(todo))
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
     queue = deque(todo)
     try:
         for spec, outcome in execute(queue, campaign.config):
-            campaign.add(outcome_record(spec, outcome))
+            if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
+                outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
+            elif isinstance(outcome, BaseException):
+                outcome = run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
+            campaign.add(outcome)
             more = campaign.plan.extend(dataclasses.replace(spec.config, seed=0), campaign.records)
             queue.extend(more)  # run by the same workers, no pause between rounds
             campaign.specs += more
-            campaign.total += len(more)
             campaign.bar.total += len(more)
     except KeyboardInterrupt:
         return "interrupted"
@@ -680,7 +592,7 @@ def storage_error(exc: OSError) -> str:
 
 def report_outcome(campaign: Campaign, ending: str) -> int:
     """The closing lines: counts, where the results are, and what to do next."""
-    counts = count_statuses(campaign.specs, campaign.records)
+    counts = campaign.metadata["counts"]  # as write_outputs just wrote them
     out = campaign.output_dir
     campaign.say(f"{counts['done']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
                  f"{counts['pending']} pending."
@@ -704,17 +616,13 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
 
 
 # ---------------------------------------------------------------- checks before a campaign
-
-
-SETUP_FIELDS = ("dataset", "model_type", "activation", "hidden_sizes", "optimizer", "learning_rate",
-                "weight_decay", "normalize")
-
-
 def preflight_check(config: dict) -> int:
     """Can each training set-up of the grid fit 100 clean examples? Returns the exit code."""
+    fields = ("dataset", "model_type", "activation", "hidden_sizes", "optimizer", "learning_rate", "weight_decay",
+              "normalize")
     setups = {}
     for spec in build_grid(config):
-        setups.setdefault(tuple(getattr(spec.config, f) for f in SETUP_FIELDS), spec.config)
+        setups.setdefault(tuple(getattr(spec.config, f) for f in fields), spec.config)
     print(f"Checking that each of the {len(setups)} training set-ups can fit 100 clean training examples...",
           flush=True)
     failing = 0
@@ -722,7 +630,7 @@ def preflight_check(config: dict) -> int:
         accuracy, loss = nm.fits_tiny_subset(cfg, nm.load_dataset(cfg.dataset, cfg.data_dir))
         fits = accuracy >= 0.95 and math.isfinite(loss)
         failing += not fits
-        values = ", ".join(f"{f}={rs.csv_value(getattr(cfg, f))}" for f in SETUP_FIELDS)
+        values = ", ".join(f"{f}={rs.csv_value(getattr(cfg, f))}" for f in fields)
         print(f"[{'ok' if fits else 'FAILS'}] {values}: training accuracy {accuracy:.2f}, loss {loss:.3g}")
     if failing:
         print(f"{failing} set-up(s) cannot fit 100 examples (accuracy below 0.95 or loss not finite): "
@@ -731,12 +639,9 @@ def preflight_check(config: dict) -> int:
 
 
 # ---------------------------------------------------------------- dry run
-
-
 def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
-    """(training samples per second, other seconds per epoch: set-up and evaluation) of one
-    kind of run, from the faster of two one-epoch runs after a warm-up: other load on the
-    machine only ever slows a run down."""
+    """(training samples per second, other seconds per epoch: set-up and evaluation) of one kind of run, from
+    the faster of two one-epoch runs after a warm-up: other load on the machine only ever slows a run down."""
     one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024)
     nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))
     best = min((nm.train_and_evaluate(one_epoch) for _ in range(2)), key=lambda result: result["seconds"])
@@ -745,8 +650,7 @@ def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
 
 def estimate_seconds(specs: list[RunSpec]) -> list[float]:
     """Estimated seconds of each run, calibrating once per kind (model, batch, pixel noise or not, ...)."""
-    rates = {}
-    estimates = []
+    rates, estimates = {}, []
     for spec in specs:
         cfg = spec.config
         kind = (cfg.dataset, cfg.model_type, cfg.hidden_sizes, cfg.batch_size,
@@ -772,10 +676,9 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
 
     specs = build_grid(config)
     workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    factors = {name: len(config[name]) for name in ("datasets", "model_types", "activations", "noise_types")}
-    print(f"{len(specs)} runs: " + " x ".join(f"{n} {name}" for name, n in factors.items())
-          + f" x p values x {config['repeats']} repeats; {workers} workers x {threads} threads; "
-          f"output_dir={config['output_dir']}")
+    factors = (f"{len(config[name])} {name}" for name in ("datasets", "model_types", "activations", "noise_types"))
+    print(f"{len(specs)} runs: {' x '.join(factors)} x p values x {config['repeats']} repeats; {workers} workers "
+          f"x {threads} threads; output_dir={config['output_dir']}")
     print("Calibrating: three short runs of each kind of run (a few seconds each)...", flush=True)
     nm.torch.set_num_threads(threads)
     seconds = estimate_seconds(specs)
@@ -796,13 +699,9 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
               f"p={cfg.p:.2f} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    warnings.formatwarning = one_line_warning
+    warnings.formatwarning = lambda message, *rest, **kwargs: f"warning: {message}\n"  # no file, line or source
     config, args = config_from_args(argv)
     try:
         validate(config)

@@ -348,3 +348,24 @@ def test_lost_scheduler_keeps_finished_runs_and_stops(mnist, mnist_dir, tmp_path
         killer.join(timeout=200)
         lonely.stop()
         shutil.rmtree(tmp_path / "cluster", ignore_errors=True)
+
+
+def test_something_at_the_address_that_is_not_a_scheduler_is_reported_not_waited_for(tmp_path):
+    """A server that accepts the connection but never speaks Dask: an error with a message, no hang."""
+    script = tmp_path / "connect.py"
+    script.write_text(
+        "import socket, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import executors\n"
+        "server = socket.socket()\n"
+        "server.bind(('127.0.0.1', 0))\n"
+        "server.listen()\n"
+        "address = 'tcp://127.0.0.1:%d' % server.getsockname()[1]\n"
+        "try:\n"
+        "    list(executors.run_dask(str, [1], address, connect_timeout=2))\n"
+        "except executors.SchedulerUnavailableError as exc:\n"
+        "    print('error:', exc)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("error: no Dask scheduler answered at 'tcp://127.0.0.1:"), result.stdout
+    assert "is it a Dask scheduler?" in result.stdout

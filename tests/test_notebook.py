@@ -47,4 +47,23 @@ def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monke
     skipped = [output["text"] for output in outputs if output.get("name") == "stdout" and "skipped" in output["text"]]
     assert skipped == [f"{plots.FIGURE_FILES['early_stopping']}: no data for it in {results_dir}; skipped\n"]
     tables = [output for output in outputs if "text/html" in output.get("data", {})]
-    assert len(tables) == 5  # the campaign overview and the four tables
+    assert len(tables) == 6  # the campaign overview and the five tables
+
+
+@pytest.mark.slow
+def test_notebook_pointed_at_a_smoke_campaign_draws_that_campaigns_figures(mnist_dir, tmp_path, monkeypatch):
+    from conftest import run_main
+
+    out = tmp_path / "smoke"
+    code, stdout, stderr = run_main(["--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(out)])
+    assert code == 0, stdout + stderr
+    for png in (out / "figures").glob("*.png"):
+        png.unlink()  # drawn again by the notebook below
+    monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(out))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    written = sorted(path.name for path in (out / "figures").glob("*.png"))
+    assert plots.FIGURE_FILES["accuracy_vs_p"] in written and len(written) >= 8
+    images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+              if "image/png" in output.get("data", {})]
+    assert len(images) == len(written)

@@ -240,6 +240,6 @@ def test_command_line_redraws_into_the_campaign_and_exits_2_without_results(tmp_
 
 @pytest.mark.slow
 def test_figures_of_the_committed_results(tmp_path):
-    paths = plots.write_figures(ROOT / "results", figures_dir=tmp_path)
+    paths = plots.write_figures(ROOT / "results" / "reference", figures_dir=tmp_path)
     assert {p.name for p in paths} >= {plots.FIGURE_FILES[name] for name in ("accuracy_vs_p", "loss_vs_p",
                                                                              "loss_correction", "reliability")}

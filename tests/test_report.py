@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_report_renders_while_the_campaign_runs(mnist, mnist_dir, tmp_path):
     """`plots.py DIR --report` works mid-sweep, from the CSVs written so far, and the sweep goes on."""
     out = tmp_path / "out"
-    argv = tiny_argv(out, mnist_dir, "--max_train_samples", "20000", "--epochs", "2", "--max_workers", "1")
+    argv = tiny_argv(out, mnist_dir, "--max_train_samples", "None", "--epochs", "3", "--max_workers", "1")
     with open(tmp_path / "campaign.out", "w") as log:
         campaign = subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT)
@@ -25,14 +25,15 @@ def test_report_renders_while_the_campaign_runs(mnist, mnist_dir, tmp_path):
         while not (out / rs.PER_RUN_CSV).is_file():
             assert campaign.poll() is None and time.monotonic() < deadline, (tmp_path / "campaign.out").read_text()
             time.sleep(0.1)
+        assert campaign.poll() is None  # the report starts while the campaign runs
         report = subprocess.run([sys.executable, "plots.py", str(out), "--report"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=300)
-        assert campaign.poll() is None, "the campaign should still be running"
         assert report.returncode == 0, report.stderr
         assert str(out / "report.html") in report.stdout.splitlines()
         html = (out / "report.html").read_text()
         assert "Test accuracy vs noise level" in html and "data:image/png;base64" in html
         assert campaign.wait(timeout=300) == 0
+        assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 8
     finally:
         if campaign.poll() is None:
             campaign.kill()
