@@ -445,3 +445,28 @@ def test_corrupt_records_are_skipped_with_a_warning_and_redone(mnist, mnist_dir,
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in good_before} == good_before  # the rest untouched
     assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])  # forked workers; workers of a forkserver
+def test_workers_exit_when_the_campaign_process_is_killed(mnist, mnist_dir, tmp_path, threads):
+    """kill -9 of the campaign process alone leaves no worker (nor forkserver) running on."""
+    out = tmp_path / "results"
+    argv = tiny_argv(out, mnist_dir, "--max_train_samples", "None", "--epochs", "3",
+                     "--max_workers", str(3 - threads), "--cpu_threads_per_worker", str(threads))
+    driver = subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not [c for c in psutil.Process(driver.pid).children(recursive=True) if "python" in c.name()]:
+            assert driver.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(3)  # the pool is up and training
+        helpers = psutil.Process(driver.pid).children(recursive=True)
+        driver.kill()
+        driver.wait()
+        gone, alive = psutil.wait_procs(helpers, timeout=30)
+        assert not alive, [p.cmdline()[:3] for p in alive]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)

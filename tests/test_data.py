@@ -301,3 +301,78 @@ def test_train_and_evaluate_reports_missing_data(tmp_path, monkeypatch):
     with pytest.raises(nm.DataNotFoundError):
         nm.train_and_evaluate(cfg)
     assert len(calls) == 2  # the download was tried
+
+
+# ---------------------------------------------------------------- broken files
+
+
+def small_dataset(directory: Path, train_labels=None, test_images=None) -> Path:
+    """Four hand-built IDX files: 6 training and 4 test images, gzipped, in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (6, 28, 28)), "test_images": rng.integers(0, 256, (4, 28, 28)),
+              "train_labels": np.array([0, 1, 2, 3, 4, 5]), "test_labels": np.array([6, 7, 8, 9])}
+    arrays["train_labels"] = arrays["train_labels"] if train_labels is None else np.asarray(train_labels)
+    arrays["test_images"] = arrays["test_images"] if test_images is None else test_images
+    for name, filename in nm.IDX_FILES.items():
+        _write_idx(directory / filename, arrays[name], compress=True)
+    return directory
+
+
+def test_a_small_valid_dataset_loads(tmp_path):
+    data = nm.load_dataset("mnist", small_dataset(tmp_path))
+    assert data.train_images.shape == (6, 1, 28, 28) and data.test_labels.tolist() == [6, 7, 8, 9]
+
+
+def test_a_truncated_file_is_named_with_what_is_wrong(tmp_path):
+    directory = small_dataset(tmp_path)
+    path = directory / nm.IDX_FILES["train_images"]
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(data[:-100])  # a download cut short
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert str(path) in str(info.value) and "truncated or corrupt" in str(info.value)
+
+
+def test_a_file_that_is_not_gzip_is_named(tmp_path):
+    directory = small_dataset(tmp_path)
+    path = directory / nm.IDX_FILES["test_labels"]
+    path.write_bytes(b"<html>not found</html>")  # what a failed download often leaves
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert str(path) in str(info.value) and "cannot be decoded" in str(info.value)
+
+
+def test_image_and_label_counts_must_match(tmp_path):
+    directory = small_dataset(tmp_path, train_labels=[0, 1, 2])
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert str(directory / nm.IDX_FILES["train_labels"]) in str(info.value)
+    assert "not one label for each of the 6 images" in str(info.value)
+
+
+def test_labels_must_be_classes(tmp_path):
+    directory = small_dataset(tmp_path, train_labels=[0, 1, 2, 3, 4, 12])
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert "has label 12; labels must be 0-9" in str(info.value)
+
+
+def test_images_must_be_28_by_28(tmp_path):
+    directory = small_dataset(tmp_path, test_images=np.zeros((4, 14, 14)))
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert str(directory / nm.IDX_FILES["test_images"]) in str(info.value) and "not N x 28 x 28" in str(info.value)
+
+
+def test_a_broken_file_stops_the_campaign_before_anything_is_written(tmp_path):
+    from conftest import run_main
+
+    directory = small_dataset(tmp_path / "data", train_labels=[0, 1, 2])
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["--smoke", "--data_dir", str(directory), "--output_dir", str(out)])
+    assert code == 2 and not out.exists()
+    assert stderr.startswith("error: data_dir: ") and "Traceback" not in stderr
+    assert str(directory / nm.IDX_FILES["train_labels"]) in stderr
