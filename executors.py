@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -168,7 +169,8 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.join()
 
 
-def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...] = (), connect_timeout: float = 10):
+def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...] = (), connect_timeout: float = 10,
+             stall_warning: float = 60):
     """Run fn over items on the Dask cluster at `address`; workers need only the Python environment, as the files
     in `upload` (the modules fn needs) are sent to them. Dask reschedules a dead worker's item; one that kills
     workers too often gets `WorkerDied`. An unreachable or lost scheduler raises SchedulerUnavailableError."""
@@ -188,7 +190,7 @@ def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...]
                 future = client.submit(fn, item, pure=False, retries=retries)
                 pending[future] = item
                 outcomes.add(future)
-            future = next(outcomes, None)
+            future = _next_finished(outcomes, client, address, stall_warning)
             if future is None:
                 return
             yield pending[future], _dask_outcome(future, client, address, len(pending))
@@ -197,6 +199,22 @@ def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...]
         if pending and client.status == "running":
             client.cancel(list(pending))
         _close_quietly(client)
+
+
+def _next_finished(outcomes, client, address: str, stall_warning: float):
+    """The next finished future, or None once all are done; a warning for every `stall_warning` seconds
+    without one, as a cluster whose workers are gone or keep dying otherwise waits in silence."""
+    waited = 0.0
+    while not outcomes.has_ready() and not outcomes.is_empty():
+        time.sleep(0.25)
+        waited += 0.25
+        if waited >= stall_warning:
+            workers = len(client.scheduler_info()["workers"])
+            warnings.warn(f"no run has finished on the Dask cluster at {address} for {waited:.0f} s; it has "
+                          f"{workers} worker(s) now: check that they are running and have this project's "
+                          "environment and data (their logs say why they die)")
+            waited = 0.0
+    return next(outcomes, None)
 
 
 def _connect(client_class, address: str, timeout: float):

@@ -369,3 +369,19 @@ def test_something_at_the_address_that_is_not_a_scheduler_is_reported_not_waited
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("error: no Dask scheduler answered at 'tcp://127.0.0.1:"), result.stdout
     assert "is it a Dask scheduler?" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_cluster_that_makes_no_progress_says_so(tmp_path):
+    """A scheduler without workers: the campaign is told, instead of waiting in silence; the runs
+    go ahead once a worker joins."""
+    lonely = start_cluster(tmp_path / "cluster", workers=0)
+    try:
+        joiner = threading.Timer(6, lonely.start_worker)  # after the first warnings
+        joiner.start()
+        with pytest.warns(UserWarning, match=r"no run has finished on the Dask cluster at .* for 2 s; it has 0 worker"):
+            outcomes = dict(executors.run_dask(str, [1, 2], lonely.address, stall_warning=2))
+        assert outcomes == {1: "1", 2: "2"}
+        joiner.join()
+    finally:
+        lonely.stop()
