@@ -37,6 +37,8 @@ METRICS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_rec
            "test_ece", "test_mean_confidence", "train_loss", "memorised_fraction", "corrupted_true_fraction",
            "clean_train_accuracy", "selected_epoch", "selected_test_accuracy", "selected_test_loss",
            "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds"]
+UNBOUNDED_METRICS = {"test_loss", "train_loss", "selected_epoch", "selected_test_loss", "noisy_test_loss", "seconds",
+                     "train_seconds"}  # the others are fractions in [0, 1]
 HISTORY_METRICS = ["test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
                    "corrupted_true_fraction", "clean_train_accuracy", "validation_loss"]
 MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after each epoch

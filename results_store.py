@@ -161,7 +161,16 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
     from the clean baseline; with a precision `target`, test accuracy gets the two-stage interval (`Target`)."""
     ok = per_run[per_run["status"] == "ok"]
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
-    return summary if target is None else with_two_stage_intervals(summary, ok, target)
+    summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
+    return clipped_to_unit_interval(summary)
+
+
+def clipped_to_unit_interval(summary: pd.DataFrame) -> pd.DataFrame:
+    """A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clip it to [0, 1]."""
+    for metric in set(nm.METRICS) - nm.UNBOUNDED_METRICS:
+        summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
+        summary[f"{metric}_ci95_high"] = summary[f"{metric}_ci95_high"].clip(upper=1.0)
+    return summary
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,8 +135,9 @@ def same(a, b) -> bool:
 # ================================================================ summary statistics, recomputed
 
 
-def expected_stats(values: pd.Series) -> dict:
-    """mean, std (ddof=1), stderr and the t-based 95% CI of the non-missing values."""
+def expected_stats(values: pd.Series, fraction: bool = False) -> dict:
+    """mean, std (ddof=1), stderr and the t-based 95% CI of the non-missing values (of a fraction:
+    clipped to [0, 1])."""
     from scipy import stats
 
     values = values.astype(float).dropna()  # a metric a run does not have (NaN) is not counted
@@ -147,7 +148,8 @@ def expected_stats(values: pd.Series) -> dict:
     std = values.std(ddof=1)
     stderr = std / math.sqrt(n)
     half = stats.t.ppf(0.975, n - 1) * stderr  # (a constant metric: a CI of width 0 at the mean)
-    return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half, "ci95_high": mean + half}
+    low, high = (max(mean - half, 0.0), min(mean + half, 1.0)) if fraction else (mean - half, mean + half)
+    return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": low, "ci95_high": high}
 
 
 def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) -> int:
@@ -171,7 +173,7 @@ def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) 
         row = summary.loc[key]
         assert row["n"] == len(runs)
         for metric in nm.METRICS:
-            for stat, value in expected_stats(runs[metric]).items():
+            for stat, value in expected_stats(runs[metric], fraction=metric not in nm.UNBOUNDED_METRICS).items():
                 got = row[f"{metric}_{stat}"]
                 if math.isnan(value):
                     assert math.isnan(got), (key, metric, stat)

@@ -125,3 +125,16 @@ def test_targeted_campaign_meets_its_target_or_the_cap_with_fewer_runs(mnist_dir
         assert f"reached max_repeats: mlp/relu label_flip p={p:g}" in stdout
     code, stdout, _ = run_main(argv)
     assert code == 0 and "0 to run" in stdout
+
+
+def test_intervals_of_fractions_are_clipped_to_the_unit_interval():
+    """Accuracies 0.999, 1, 1: the t interval reaches past 1 and is clipped there; a loss is not clipped."""
+    rows = [dict(noise_type="label_flip", p=0.9, seed=s, repeat=s, test_accuracy=a, test_loss=a - 1.0)
+            for s, a in [(1, 0.999), (2, 1.0), (3, 1.0)]]
+    row = rs.summary_table(per_run_frame(rows)).iloc[0]
+    values = pd.Series([0.999, 1.0, 1.0])
+    half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / math.sqrt(3)
+    assert values.mean() + half > 1 and row["test_accuracy_ci95_high"] == 1.0
+    assert row["test_accuracy_ci95_low"] == pytest.approx(values.mean() - half)
+    assert row["test_loss_ci95_low"] == pytest.approx(values.mean() - 1 - half)  # unbounded: as computed
+    assert row["test_loss_ci95_high"] == pytest.approx(values.mean() - 1 + half)
