@@ -1138,6 +1138,17 @@ def test_a_second_campaign_in_the_same_output_dir_is_refused(mnist, mnist_dir, t
     assert code == 0 and len(run_files(out)) == 8
 
 
+def test_the_lock_of_a_dead_campaign_is_taken_over(mnist, mnist_dir, tmp_path, no_figures):
+    """A lock file left by a campaign that died (nobody holds the lock any more) does not stop the next."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "campaign.lock").write_text("PID 999999 on a-host-that-died")
+    code, stdout, stderr = run_main(tiny_argv(out, mnist_dir))
+    assert code == 0, stdout + stderr
+    assert len(run_files(out)) == 8
+    assert (out / "campaign.lock").read_text() == f"PID {os.getpid()} on {platform.node()}"
+
+
 # ================================================================ --check
 
 

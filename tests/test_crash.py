@@ -412,6 +412,18 @@ def test_sigint_during_the_dry_run_ends_it_quietly(mnist_dir, tmp_path, campaign
     assert list(tmp_path.iterdir()) == [tmp_path / "dry-run.log"]
 
 
+@pytest.mark.parametrize("after", [0.3, 1.5])  # while the libraries load; while the data are checked
+def test_sigint_during_start_up_ends_it_quietly(mnist_dir, tmp_path, after):
+    out = tmp_path / "out"
+    campaign = subprocess.Popen([sys.executable, "run_experiments.py", "--smoke", "--data_dir", str(mnist_dir),
+                                 "--output_dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    time.sleep(after)
+    os.killpg(campaign.pid, signal.SIGINT)
+    output, _ = campaign.communicate(timeout=120)
+    assert campaign.returncode == 130 and "Traceback" not in output, output
+
+
 # ================================================================ corrupt records
 
 
