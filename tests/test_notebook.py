@@ -47,7 +47,7 @@ def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monke
     skipped = [output["text"] for output in outputs if output.get("name") == "stdout" and "skipped" in output["text"]]
     assert skipped == [f"{plots.FIGURE_FILES['early_stopping']}: no data for it in {results_dir}; skipped\n"]
     tables = [output for output in outputs if "text/html" in output.get("data", {})]
-    assert len(tables) == 6  # the campaign overview and the five tables
+    assert len(tables) == 7  # the runs not ok, the campaign overview and the five tables
 
 
 @pytest.mark.slow
@@ -67,3 +67,21 @@ def test_notebook_pointed_at_a_smoke_campaign_draws_that_campaigns_figures(mnist
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
               if "image/png" in output.get("data", {})]
     assert len(images) == len(written)
+
+
+@pytest.mark.slow
+def test_strings_from_the_results_files_are_escaped_in_the_report(tmp_path, monkeypatch):
+    """A results file is data, not markup: a dataset name with HTML in it is shown as text."""
+    name = "<b>mnist</b>"
+    results_dir = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip",), seeds=(11, 22),
+                                                                dataset=name))
+    monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(results_dir))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    shown = [output["data"]["text/html"] for cell in notebook.cells if cell.cell_type == "code"
+             for output in cell.outputs if "text/html" in output.get("data", {})]
+    assert shown and any("&lt;b&gt;mnist&lt;/b&gt;" in html for html in shown)
+    assert not any(name in html for html in shown)
+    markdown = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+                if "text/markdown" in output.get("data", {})]
+    assert markdown == []  # no Markdown is built from the results
