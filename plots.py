@@ -1,9 +1,7 @@
 """Figures of a noise-robustness campaign, from `results_store.read_results` (which computes every statistic).
 
-Every line is one experiment (runs that differ only in the seed); figures 1-9, 11 and 12 show the runs trained
-without loss correction; a figure without data is None. Figures are bare Agg Figures (never pyplot), so drawing
-changes no global backend and leaves nothing behind in a long-lived process.
-
+A line per experiment (runs differing only in the seed); figures 1-9, 11 and 12 show runs without loss correction;
+a figure without data is None. Bare Agg Figures (never pyplot): drawing leaves no global state behind.
     python plots.py OUTPUT_DIR [--report]   # figures into OUTPUT_DIR/figures/ (--report: and report.html)
 """
 from __future__ import annotations
@@ -49,15 +47,13 @@ STYLE = {"font.size": 8.5, "axes.titlesize": 9, "legend.fontsize": 8, "axes.grid
 
 
 def posterior_model_loss(noise_type: str, p):
-    """Clean-test cross-entropy of a model that predicts the noisy-label posterior exactly: it
-    puts 1 - p(K-1)/K (label_uniform) or 1 - p (label_flip, label_pairflip) on the true class."""
+    """Clean-test loss of a model predicting the noisy-label posterior: 1 - p(K-1)/K or 1 - p on the true class."""
     p = np.asarray(p, dtype=float)
     return -np.log(1 - p * (K - 1) / K) if noise_type == "label_uniform" else -np.log(1 - p)
 
 
 def experiments(table: pd.DataFrame, loss_correction: str | None = "none") -> pd.DataFrame:
-    """The rows trained with `loss_correction` (None: all), with a `setting` (dataset · model, plus any other
-    varying config field) and a `noise` column (the noise type; label_matrix matrices numbered if several)."""
+    """Rows with `loss_correction` (None: all), plus `setting` (dataset · model · varying fields) and `noise`."""
     if loss_correction is not None:
         table = table[table["loss_correction"] == loss_correction]
     setting = table["dataset"].astype(str) + " · " + table["model_type"].astype(str)
@@ -82,8 +78,7 @@ def color(noise: str) -> str:
 
 @matplotlib.rc_context(STYLE)
 def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") -> Figure:
-    """A figure with a panel per (title, frame, metric) of `panels` (rows of them), drawn by draw(ax, frame,
-    metric); a row's panels of one metric share their y axis; one legend below, measured lines first."""
+    """A panel per (title, frame, metric) in rows `panels`, drawn by draw(ax, frame, metric); one legend below."""
     n_rows, n_cols = len(panels), max(map(len, panels))
     width = max(n_cols * PANEL_SIZE[0], 7.5)
     fig = Figure(figsize=(width, n_rows * PANEL_SIZE[1] + 1.4), layout="constrained")
@@ -129,8 +124,7 @@ def noise_lines(ax, frame: pd.DataFrame, column: str, linestyle: str = "-", vari
 
 
 def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
-    """References: chance, each information limit that the p range reaches (all, if `black`), and the loss
-    of a model that predicts the noisy-label posterior (below the limit)."""
+    """Chance, the information limits the p range reaches (all, if `black`), the noisy-label posterior's loss."""
     if metric == "test_accuracy":
         ax.axhline(1 / K, color="0.4", linewidth=0.9, label="chance 1/K", gid="chance")
     for noise in (n for n in ordered(frame["noise"], nm.NOISE_TYPES) if n in INFORMATION_LIMITS):
@@ -202,8 +196,7 @@ def plot_calibration(summary: pd.DataFrame) -> Figure | None:
 
 
 def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
-    """Figure 6: a column per label noise type with a closed-form theory, a line per activation, and in
-    black its information limit, chance 1/K and the loss of the noisy-label posterior."""
+    """Figure 6: a column per label noise type with a closed-form theory (black), a line per activation."""
     frame = experiments(summary)
     frame = frame[frame["noise"].isin(INFORMATION_LIMITS)]
     if frame.empty:
@@ -213,7 +206,6 @@ def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
         for i, activation in enumerate(ordered(part["activation"], nm.ACTIVATIONS)):
             errorbar_line(ax, part[part["activation"] == activation], metric, activation, f"C{i}")
         theory(ax, part, metric, black=True)
-
     noises = ordered(frame["noise"], nm.NOISE_TYPES)
     panels = [[(f"{setting} · {noise}", part[part["noise"] == noise], metric) for noise in noises]
               for setting, part in frame.groupby("setting") for metric in ("test_accuracy", "test_loss")]
@@ -221,8 +213,7 @@ def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
 
 
 def plot_loss_correction(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    """Figure 10: without (solid) and with (dashed) forward loss correction, only experiments run both
-    ways on the same activation and seeds; a row per setting and activation."""
+    """Figure 10: without (solid) and with (dashed) forward correction, for experiments run both ways alike."""
     if not (summary["loss_correction"] == "forward").any():
         return None
     seeds = (runs[runs["status"] == "ok"].groupby(rs.GROUP_FIELDS, dropna=False)["seed"]
@@ -237,7 +228,6 @@ def plot_loss_correction(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | 
         noise_lines(ax, part[part["loss_correction"] == "none"], metric, "-", "no correction")
         noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "--", "forward correction")
         theory(ax, part, metric)
-
     noises = ordered(frame["noise"], nm.NOISE_TYPES)
     panels = [[(f"{setting} · {activation} · {noise}", part[part["noise"] == noise], m)
                for noise in noises for m in ("test_accuracy", "test_loss")]
@@ -255,7 +245,6 @@ def variant_figure(summary: pd.DataFrame, prefix: str, variants: tuple[str, str]
         if metric not in extra:
             noise_lines(ax, part, metric, "-", variants[0])
         noise_lines(ax, part, metric if metric in extra else prefix + metric, "--", variants[1])
-
     return by_activation(frame, ("test_accuracy", "test_loss", *extra), title, draw)
 
 
@@ -283,7 +272,6 @@ def curves_figure(curves: pd.DataFrame, metrics, title: str) -> Figure | None:
             ax.plot(line["epoch"], mean, color=cmap(norm(p)), marker="o", markersize=2.5, linewidth=1.2)
             ax.fill_between(line["epoch"], mean - stderr, mean + stderr, color=cmap(norm(p)), alpha=0.2,
                             linewidth=0)
-
     fig = by_activation(experiments(curves), metrics, title + OVER_SEEDS, draw, by_noise=True, xlabel="epoch")
     if fig is not None:
         fig.colorbar(ScalarMappable(norm, cmap), ax=fig.axes, label="noise level p",
@@ -297,16 +285,14 @@ def plot_learning_curves(curves: pd.DataFrame) -> Figure | None:
 
 
 def plot_memorisation(curves: pd.DataFrame) -> Figure | None:
-    """Figure 9: per epoch, label noise at p > 0: corrupted training examples predicted as their
-    noisy label and as their true label, and the accuracy on the uncorrupted ones."""
+    """Figure 9: per epoch at label noise p > 0, what corrupted and uncorrupted examples are predicted as."""
     label = curves[curves["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (curves["p"] > 0)]
     return curves_figure(label, ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"],
                          "Memorisation of noisy training labels")
 
 
 def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
-    """Figure 8: reliability diagrams of the final models, a line per activation (seeds pooled), a row per
-    setting and noise type, a column per p (smallest, middle and largest below the information limit)."""
+    """Figure 8: reliability diagrams, a line per activation (seeds pooled), a column per p (at most three)."""
     frame = experiments(reliability)
     if frame.empty:
         return None
@@ -323,7 +309,6 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
             share = bins["count"] / bins["count"].sum()
             ax.scatter(bins["confidence"], bins[metric], s=2 + 60 * share, color=f"C{i}")
         ax.set_xlim(0, 1)
-
     panels = [[(f"{setting} · {noise} · p = {p:g}", part[(part["noise"] == noise) & (part["p"] == p)],
                 "accuracy") for p in levels(noise, part.loc[part["noise"] == noise, "p"])]
               for setting, part in frame.groupby("setting") for noise in ordered(part["noise"], nm.NOISE_TYPES)]
@@ -368,7 +353,6 @@ def write_report(output_dir: Path) -> Path:
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
-
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     os.environ["ANALYSIS_RESULTS_DIR"] = str(Path(output_dir).resolve())  # read by the parameters cell
     NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()

@@ -432,7 +432,6 @@ class CampaignLockedError(RuntimeError):
 def lock_output_dir(output_dir: Path):
     """Lock OUTPUT_DIR/campaign.lock, naming the holder; the kernel drops it when the holder dies (never stale)."""
     import fcntl
-
     handle = open(output_dir / "campaign.lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -514,7 +513,6 @@ class Campaign:
         self.write_metadata()
         try:
             import plots
-
             plots.write_figures(self.output_dir)
         except Exception as exc:  # figures are a convenience; the CSVs are the result
             self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
@@ -640,8 +638,7 @@ def preflight_check(config: dict) -> int:
 
 # ---------------------------------------------------------------- dry run
 def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
-    """(training samples per second, other seconds per epoch: set-up and evaluation) of one kind of run, from
-    the faster of two one-epoch runs after a warm-up: other load on the machine only ever slows a run down."""
+    """(samples per second, other seconds per epoch) of a kind of run: the faster of two one-epoch runs."""
     one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024)
     nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))
     best = min((nm.train_and_evaluate(one_epoch) for _ in range(2)), key=lambda result: result["seconds"])
@@ -673,7 +670,6 @@ def duration(seconds: float) -> str:
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
     """The grid's size per factor and an estimated wall time and memory; the runs themselves on request."""
     import resource
-
     specs = build_grid(config)
     workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
     factors = (f"{len(config[name])} {name}" for name in ("datasets", "model_types", "activations", "noise_types"))
