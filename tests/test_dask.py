@@ -36,26 +36,6 @@ WORKER = [str(Path(sys.executable).parent / "dask"), "worker"]  # the environmen
 if not Path(WORKER[0]).is_file():
     WORKER = [sys.executable, "-m", "distributed.cli.dask_worker"]
 VOLATILE = {"seconds", "train_seconds", "finished_at", "attempts"}  # what may differ between executions
-# Tasks of the executor's own tests: a module the workers get only through `upload`.
-TASKS = '''
-import os, signal
-
-
-def square(x):
-    return x * x
-
-
-def odd_raises(x):
-    if x % 2:
-        raise ValueError(f"odd item {x}")
-    return x
-
-
-def dies_on(x):
-    if x == "die":
-        os.kill(os.getpid(), signal.SIGKILL)  # the worker process, as the OOM killer would
-    return x
-'''
 
 
 class LoopbackCluster:
@@ -153,15 +133,11 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    """The TASKS module: importable here, and a file to upload to the workers."""
-    directory = tmp_path_factory.mktemp("tasks")
-    (directory / "dask_test_tasks.py").write_text(TASKS)
-    sys.path.insert(0, str(directory))
-    import dask_test_tasks
+def tasks():
+    """The tasks module: importable here, and a file to upload to the workers, which cannot import it."""
+    import executor_tasks
 
-    yield dask_test_tasks
-    sys.path.remove(str(directory))
+    return executor_tasks
 
 
 def dask_argv(address, mnist_dir, out, *extra) -> list[str]:

@@ -19,20 +19,11 @@ import pytest
 
 import executors
 import nnet_models as nm
+from executor_tasks import odd_raises, square
 
 ROOT = Path(__file__).resolve().parents[1]
 BARRIER = None  # set by a test before the pool forks: the workers inherit it
 PARENT_MARK = "as imported"
-
-
-def square(x):
-    return x * x
-
-
-def odd_raises(x):
-    if x % 2:
-        raise ValueError(f"odd item {x}")
-    return x
 
 
 def outcomes_by_item(pairs) -> dict:
