@@ -38,8 +38,9 @@ LABELS = {"test_accuracy": "test accuracy", "test_loss": "test cross-entropy (na
           "memorised_fraction": "corrupted: predicts noisy label",
           "corrupted_true_fraction": "corrupted: predicts true label",
           "clean_train_accuracy": "uncorrupted: train accuracy", "selected_epoch": "selected epoch",
-          "accuracy": "accuracy in bin"}
-UNIT_RANGE = set(LABELS) - {"test_loss", "selected_epoch"}  # drawn on a y axis from 0 to 1
+          "accuracy": "accuracy in bin", "delta_test_accuracy": "test accuracy − at p = 0",
+          "delta_test_loss": "test cross-entropy − at p = 0"}
+UNIT_RANGE = set(LABELS) - {"test_loss", "selected_epoch", "delta_test_accuracy", "delta_test_loss"}  # drawn on a y axis from 0 to 1
 OVER_SEEDS = " (mean ± standard error over seeds)"
 PANEL_SIZE = (3.4, 2.5)  # inches
 DPI = 110
@@ -140,6 +141,8 @@ def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
                     label=f"model = noisy-label posterior{which}", gid=f"posterior_model:{noise}")
     if metric == "test_macro_roc_auc":
         ax.axhline(0.5, color="0.4", linewidth=0.9, label="chance ROC-AUC 0.5")
+    if metric.startswith("delta_"):
+        ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from p = 0")
 
 
 def noise_panel(ax, frame: pd.DataFrame, metric: str) -> None:
@@ -167,6 +170,12 @@ def plot_metric_vs_p(summary: pd.DataFrame, metric: str = "test_accuracy") -> Fi
     """Figures 1 and 2: `metric` vs p, a line per noise type."""
     title = f"{LABELS[metric].capitalize()} vs noise level" + OVER_SEEDS
     return by_activation(experiments(summary), [metric], title)
+
+
+def plot_paired_differences(summary: pd.DataFrame) -> Figure | None:
+    """Figure 13: "does this p change accuracy?" answered with each run minus the clean run of its seed."""
+    return by_activation(experiments(summary), ["delta_test_accuracy", "delta_test_loss"],
+                         "Change from the clean run of the same seed (paired; mean ± standard error)")
 
 
 def plot_label_vs_pixel(summary: pd.DataFrame) -> Figure | None:
@@ -329,6 +338,7 @@ FIGURES = {  # name: (file, the figure of a results_store.Results, None when its
     "loss_correction": ("fig10_loss_correction.png", lambda r: plot_loss_correction(r.summary, r.runs)),
     "early_stopping": ("fig11_early_stopping.png", lambda r: plot_early_stopping(r.summary)),
     "pixel_test_matching": ("fig12_pixel_test_matching.png", lambda r: plot_pixel_test_matching(r.summary)),
+    "paired_differences": ("fig13_paired_differences.png", lambda r: plot_paired_differences(r.summary)),
 }
 FIGURE_FILES = {name: file for name, (file, _) in FIGURES.items()}
 

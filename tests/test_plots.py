@@ -76,6 +76,7 @@ def half_lengths(container) -> np.ndarray:
     (lambda s, r: plots.plot_loss_correction(s, r), ["test_accuracy", "test_loss"]),
     (lambda s, r: plots.plot_pixel_test_matching(s), ["test_accuracy", "test_loss", "noisy_test_accuracy",
                                                       "noisy_test_loss"]),
+    (lambda s, r: plots.plot_paired_differences(s), ["delta_test_accuracy", "delta_test_loss"]),
 ])
 def test_every_line_is_one_experiment_with_standard_error_bars(results, draw, metrics):
     fig = draw(results.summary, results.runs)
