@@ -451,7 +451,7 @@ class Campaign:
     """One campaign's bookkeeping: the run store, campaign.json, the CSVs, the log and progress."""
 
     def __init__(self, config: dict, specs: list[RunSpec]):
-        self.config, self.specs = config, specs
+        self.config, self.specs = config, list(specs)
         self.output_dir = Path(config["output_dir"])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.lock = lock_output_dir(self.output_dir)
@@ -461,7 +461,7 @@ class Campaign:
         for point in list(self.plan.planned):  # a resumed campaign continues to its target
             self.specs += self.plan.extend(point, self.records)
         versions = {"python": platform.python_version(), "torch": nm.torch.__version__, "numpy": nm.np.__version__}
-        self.metadata = {"config": config, "grid_size": len(specs), "versions": versions,
+        self.metadata = {"config": config, "grid_size": len(self.specs), "versions": versions,
                          "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
                          "workers": resolved_workers(config), "started_at": now(), "finished_at": None}
         self.log_file = open(self.output_dir / "campaign.log", "a", buffering=1)  # line-buffered: flushed per line
@@ -535,6 +535,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     except OSError as exc:
         print(storage_error(exc), file=sys.stderr)
         return 1
+    specs = campaign.specs  # with the repeats a precision target has already asked for
     try:
         todo = runs_to_do(specs, campaign.records, config)
         campaign.write_metadata()
