@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -41,13 +41,12 @@ def usable_cpus() -> int:
 
 def run_local(fn, items, workers: int, threads: int = 1, pin_cpus: bool = True, use_cuda: bool = False,
               max_attempts: int = 3):
-    """Run fn over items on `workers` processes of `threads` CPU threads each. `items` may be a deque that the
-    caller extends while it iterates: what it appends is run too. A worker that dies breaks the pool; a new one
-    takes over and reruns the items that were running one at a time, so that only an item that kills its worker
-    while running alone is charged: after `max_attempts` such deaths its outcome is `WorkerDied`."""
+    """Run fn over items on `workers` processes of `threads` CPU threads; a deque of items may grow meanwhile. A
+    dead worker breaks the pool: a new one reruns the items that were running one at a time, so that only an item
+    that kills its worker while running alone is charged: after `max_attempts` such deaths it gets `WorkerDied`."""
     queue = items if isinstance(items, deque) else deque(items)
     suspects: deque = deque()
-    deaths: dict[int, int] = {}  # by id(item)
+    deaths = Counter()  # by id(item)
     while queue or suspects:
         alone = deque([suspects.popleft()]) if suspects else None
         in_flight = []
@@ -57,16 +56,15 @@ def run_local(fn, items, workers: int, threads: int = 1, pin_cpus: bool = True, 
             else:
                 yield item, outcome
         if len(in_flight) == 1:
-            deaths[id(in_flight[0])] = deaths.get(id(in_flight[0]), 0) + 1
+            deaths[id(in_flight[0])] += 1
             if deaths[id(in_flight[0])] >= max_attempts:
                 yield in_flight.pop(), WorkerDied(max_attempts)
         suspects.extend(in_flight)
 
 
 def _pool_outcomes(fn, source: deque, workers: int, threads: int, pin_cpus: bool, use_cuda: bool):
-    """(item, outcome) for the items taken from `source`, also those appended to it meanwhile, on
-    a fresh pool. If a worker dies: (item, CRASHED) for each item that had started and not
-    finished, the ones that had not started go back to `source`, and the pool is given up."""
+    """(item, outcome) of the items taken from `source` (appended ones too) on a fresh pool. If a worker dies:
+    (item, CRASHED) for each started, unfinished item; unstarted ones go back to `source`; the pool is given up."""
     context = _start_method(threads, use_cuda, fn.__module__)
     started = context.SimpleQueue()
     slots = _cpu_slots(workers, threads) if pin_cpus else None

@@ -1,7 +1,6 @@
 """One training run (data, noise, models, train/evaluate): a `TrainConfig` in, a flat dict of results out.
 
-The dataset is decoded once per process into uint8 tensors and batches are built by indexing them: no
-per-sample Python and no DataLoader (docs/performance.md)."""
+Batches index uint8 tensors decoded once per process: no per-sample Python, no DataLoader (docs/performance.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -114,24 +113,19 @@ class Dataset(NamedTuple):
 
 
 def _find_idx_file(directory: Path, filename: str) -> Path | None:
-    for candidate in (directory / filename, directory / filename.removesuffix(".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = (directory / filename, directory / filename.removesuffix(".gz"))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
     """The directory holding all four IDX files (gzipped or not), or None."""
     root = Path(data_dir).expanduser()
-    for directory in (root / TORCHVISION_NAMES[dataset] / "raw", root):
-        if all(_find_idx_file(directory, name) for name in IDX_FILES.values()):
-            return directory
-    return None
+    candidates = (root / TORCHVISION_NAMES[dataset] / "raw", root)
+    return next((d for d in candidates if all(_find_idx_file(d, name) for name in IDX_FILES.values())), None)
 
 
 def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Path:
-    """The directory of the dataset's IDX files, downloaded with torchvision if missing and
-    allowed. Raises DataNotFoundError naming the four files and where they belong."""
+    """The directory of the dataset's IDX files, downloaded if missing and allowed, else DataNotFoundError."""
     reason = "download not attempted"
     if find_raw_dir(dataset, data_dir) is None and download:
         try:
@@ -219,8 +213,7 @@ def check_noise_matrix(matrix, num_classes: int = NUM_CLASSES) -> torch.Tensor:
 
 
 def transition_matrix(noise_type: str, p: float, noise_matrix=None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """T[i, j] = P(noisy label j | true label i) of a label noise type at level p (the
-    identity for pixel noise). label_matrix mixes the user's matrix M in: T = (1 - p) I + p M."""
+    """T[i, j] = P(noisy label j | true label i) at level p (pixel noise: I; label_matrix: (1 - p) I + p M)."""
     k = num_classes
     identity = torch.eye(k, dtype=torch.float64)
     if noise_type == "label_uniform":
@@ -239,10 +232,8 @@ def transition_matrix(noise_type: str, p: float, noise_matrix=None, num_classes:
 def corrupt_labels(labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
                    num_classes: int = NUM_CLASSES, noise_matrix=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy labels, and the bool mask of the examples given a new label (label_matrix: whose label changed).
-    label_uniform, label_flip and label_pairflip relabel exactly round(p*N) random examples: from all K classes
-    (it may be the true one), from the K-1 others, or to (y + 1) mod K. The draws do not depend on p, so for one
-    seed the set at a smaller p is a subset of the one at a larger p. label_matrix draws every label from row y
-    of T = (1 - p) I + p M."""
+    The others relabel exactly round(p*N) examples, to any class, another class or (y + 1) mod K, in an order that
+    does not depend on p, so a smaller p corrupts a subset of the same seed's examples. label_matrix samples T[y]."""
     n, device = len(labels), labels.device
     if noise_type == "label_matrix":
         rows = transition_matrix(noise_type, p, noise_matrix, num_classes).to(device)[labels]
@@ -273,18 +264,16 @@ def pixel_intensity_cdf(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def grey_level_quantiles(cdf: torch.Tensor, size: int = 2**16) -> torch.Tensor:
-    """A table for inverse-cdf sampling: entry j is the grey level in [0, 1] at cumulative
-    probability (j + 0.5) / size. Looking up a uniform's cell draws each level with its
-    probability up to 1 / size (docs/performance.md: faster than a search per pixel)."""
+    """For inverse-cdf sampling: entry j is the grey level in [0, 1] at cumulative probability (j + 0.5) / size,
+    exact up to 1 / size (docs/performance.md: a table lookup is faster than a search per pixel)."""
     cells = (torch.arange(size, dtype=torch.float64, device=cdf.device) + 0.5) / size
     return torch.searchsorted(cdf.double(), cells, right=True).clamp_(max=255).float() / 255.0
 
 
 def corrupt_pixels(images: torch.Tensor, p: float, generator: torch.Generator,
                    quantiles: torch.Tensor | None = None, white: float = 1.0) -> torch.Tensor:
-    """A copy of float `images` (white = `white`) with each pixel replaced independently with probability p,
-    by a value from U[0, white) or, given `quantiles` (`grey_level_quantiles`), from that distribution. One
-    uniform u per pixel decides both: replaced if u < p, and then u / p is U[0, 1), the replacement's uniform."""
+    """A copy of float `images`, each pixel replaced with probability p by a draw from U[0, white) or `quantiles`.
+    One uniform u per pixel decides both: replaced if u < p, and then u / p is the replacement's U[0, 1)."""
     if p == 0:
         return images.clone()
     u = torch.rand(images.shape, generator=generator, device=images.device)
@@ -317,9 +306,8 @@ class MLP(nn.Sequential):
 
 
 def conv_block(in_channels: int, out_channels: int, activation: str) -> list[nn.Module]:
-    """3x3 convolution, activation, 2x2 max-pooling. For a non-decreasing activation f,
-    max(f(a), f(b)) = f(max(a, b)), so pooling first is the same function with f on a quarter
-    of the values (docs/performance.md); gelu is not monotonic and keeps the textbook order."""
+    """3x3 convolution, activation, 2x2 max-pooling. As max(f(a), f(b)) = f(max(a, b)) for a non-decreasing f,
+    pooling first applies f to a quarter of the values (docs/performance.md); gelu keeps the textbook order."""
     conv, act, pool = nn.Conv2d(in_channels, out_channels, 3, padding=1), make_activation(activation), nn.MaxPool2d(2)
     return [conv, act, pool] if activation == "gelu" else [conv, pool, act]
 
@@ -345,9 +333,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class Optimizer:
-    """Adam (fused kernel) or SGD with momentum 0.9: torch.optim's own update kernels, called directly, without
-    the slower torch.optim.Optimizer class around them (docs/performance.md). `state[p]` holds a parameter's
-    buffers under torch.optim's names."""
+    """Adam (fused kernel) or SGD with momentum 0.9: torch.optim's update kernels, called without the slower
+    torch.optim.Optimizer class around them (docs/performance.md); `state[p]` uses torch.optim's buffer names."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         if cfg.optimizer not in OPTIMIZERS:
@@ -406,8 +393,7 @@ class BatchSource:
 
 
 def forward_corrected_loss(logits: torch.Tensor, noisy_labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
-    """Forward loss correction (Patrini et al. 2017): the cross-entropy of the noisy labels
-    under softmax(z) T, the model's clean posterior pushed through the noise."""
+    """Forward loss correction (Patrini et al. 2017): the noisy labels' cross-entropy under softmax(z) T."""
     noisy_probs = torch.softmax(logits, 1) @ transition
     return nn.functional.nll_loss(noisy_probs.clamp_min(1e-12).log(), noisy_labels)
 
@@ -459,8 +445,7 @@ class DivergedError(ArithmeticError):
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
                     indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy,
                     precision: str = "float32") -> float:
-    """One pass over the training examples (`indices`, default all) in random order; returns the mean loss (in
-    float32 from logits of any precision). Raises DivergedError, naming the step, once the loss is not finite."""
+    """One pass over `indices` (default all) in random order: the mean float32 loss; DivergedError if not finite."""
     model.train()
     n = len(labels) if indices is None else len(indices)
     order = torch.randperm(n, generator=order_generator, device=labels.device)

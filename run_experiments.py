@@ -408,10 +408,8 @@ def move_aside(output_dir: Path) -> Path | None:
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return None
     name = f"{output_dir.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    target, suffix = output_dir.with_name(name), 1
-    while target.exists():
-        suffix += 1
-        target = output_dir.with_name(f"{name}-{suffix}")
+    targets = (output_dir.with_name(name + (f"-{n}" if n > 1 else "")) for n in itertools.count(1))
+    target = next(candidate for candidate in targets if not candidate.exists())
     output_dir.rename(target)
     return target
 
@@ -543,8 +541,8 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
                  if config["executor"] == "local" else f"the Dask cluster at {config['dask_scheduler']}")
         done = campaign.metadata["counts"]["done"]
         given_up = len(specs) - len(todo) - done
-        campaign.say(f"{len(specs)} runs in the grid, {done} already done, "
-                     + (f"{given_up} failed or diverged for good (not rerun), " if given_up else "")
+        not_rerun = f"{given_up} not to rerun (failed for good, diverged or not identifiable), "
+        campaign.say(f"{len(specs)} runs in the grid, {done} already done, " + (not_rerun if given_up else "")
                      + f"{len(todo)} to run on {where}. Results: {campaign.output_dir}/")
         ending = run_all(campaign, todo)
         campaign.write_outputs(finished=ending == "finished")

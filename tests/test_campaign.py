@@ -1022,7 +1022,7 @@ def test_failed_runs_are_retried_until_max_attempts(mnist, mnist_dir, tmp_path, 
 
     code, stdout, _ = run_main(argv)  # no tries left: reported, not retried
     assert code == 1 and f"failed run {bad_id}" in stdout and "injected failure" in stdout
-    assert "8 runs in the grid, 7 already done, 1 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert "8 runs in the grid, 7 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out)[bad_id] == stamp
     per_run = rs.read_csv(out / rs.PER_RUN_CSV).set_index("run_id")
     assert per_run.loc[bad_id, "status"] == "failed" and per_run.loc[bad_id, "attempts"] == 2
@@ -1044,7 +1044,7 @@ def test_failed_runs_are_not_retried_when_retry_failed_is_off(mnist, mnist_dir, 
     stamps = snapshot(out)
     broken_cell()
     code, stdout, _ = run_main(argv)
-    assert code == 1 and "8 runs in the grid, 7 already done, 1 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert code == 1 and "8 runs in the grid, 7 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out) == stamps
     code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # retry_failed back on
     assert code == 0 and "1 to run" in stdout
@@ -1073,7 +1073,7 @@ def test_diverged_runs_are_recorded_and_not_rerun(mnist, mnist_dir, tmp_path, no
     stamps = snapshot(out)
     code, stdout, _ = run_main([*argv, "--max_attempts", "5"])
     assert code == 1
-    assert "2 runs in the grid, 0 already done, 2 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert "2 runs in the grid, 0 already done, 2 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out) == stamps
 
 

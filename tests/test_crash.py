@@ -281,7 +281,7 @@ def test_a_run_that_kills_its_worker_every_time_is_failed_after_max_attempts(mni
     assert "7 ok, 1 failed, 0 diverged, 0 pending." in stdout
     # out of tries: a resume does not run it again
     code, stdout, _ = run_main(argv)
-    assert code == 1 and "7 already done, 1 failed or diverged for good (not rerun), 0 to run" in stdout
+    assert code == 1 and "7 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
 
 
 def test_only_the_run_that_kills_its_worker_is_charged_not_the_one_beside_it(mnist, mnist_dir, tmp_path,
