@@ -39,8 +39,11 @@ LABELS = {"test_accuracy": "test accuracy", "test_loss": "test cross-entropy (na
           "corrupted_true_fraction": "corrupted: predicts true label",
           "clean_train_accuracy": "uncorrupted: train accuracy", "selected_epoch": "selected epoch",
           "accuracy": "accuracy in bin", "delta_test_accuracy": "test accuracy − at p = 0",
-          "delta_test_loss": "test cross-entropy − at p = 0"}
-UNIT_RANGE = set(LABELS) - {"test_loss", "selected_epoch", "delta_test_accuracy", "delta_test_loss"}  # drawn on a y axis from 0 to 1
+          "delta_test_loss": "test cross-entropy − at p = 0",
+          "forward_minus_none_test_accuracy": "test accuracy: forward − none"}
+PAIRED_CORRECTION = "forward_minus_none_test_accuracy"
+UNIT_RANGE = set(LABELS) - {"test_loss", "selected_epoch", "delta_test_accuracy", "delta_test_loss",
+                            PAIRED_CORRECTION}  # drawn on a y axis from 0 to 1
 OVER_SEEDS = " (mean ± standard error over seeds)"
 PANEL_SIZE = (3.4, 2.5)  # inches
 DPI = 110
@@ -143,6 +146,8 @@ def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
         ax.axhline(0.5, color="0.4", linewidth=0.9, label="chance ROC-AUC 0.5")
     if metric.startswith("delta_"):
         ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from p = 0")
+    if metric == PAIRED_CORRECTION:
+        ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from the correction")
 
 
 def noise_panel(ax, frame: pd.DataFrame, metric: str) -> None:
@@ -151,8 +156,9 @@ def noise_panel(ax, frame: pd.DataFrame, metric: str) -> None:
 
 
 def by_activation(frame: pd.DataFrame, metrics, title: str, draw=noise_panel, by_noise: bool = False,
-                  xlabel: str = "noise level p") -> Figure | None:
-    """A panel column per activation, a row per setting (and noise type, if `by_noise`) and metric with data."""
+                  xlabel: str = "noise level p", metrics_across: bool = False) -> Figure | None:
+    """A panel column per activation, a row per setting (and noise type, if `by_noise`) and metric with data;
+    `metrics_across`: a column per metric, a row per setting (and noise type) and activation."""
     metrics = [m for m in metrics if f"{m}_mean" in frame and frame[f"{m}_mean"].notna().any()]
     if not metrics:
         return None
@@ -161,8 +167,12 @@ def by_activation(frame: pd.DataFrame, metrics, title: str, draw=noise_panel, by
         rows = [(f"{setting} · {noise}", part[part["noise"] == noise]) for setting, part in rows
                 for noise in ordered(part["noise"], nm.NOISE_TYPES)]
     activations = ordered(frame["activation"], nm.ACTIVATIONS)
-    panels = [[(f"{name} · {a}", part[part["activation"] == a], m) for a in activations]
-              for name, part in rows for m in metrics]
+    if metrics_across:
+        panels = [[(f"{name} · {a}", part[part["activation"] == a], m) for m in metrics]
+                  for name, part in rows for a in activations if (part["activation"] == a).any()]
+    else:
+        panels = [[(f"{name} · {a}", part[part["activation"] == a], m) for a in activations]
+                  for name, part in rows for m in metrics]
     return grid(panels, draw, title, xlabel)
 
 
@@ -222,24 +232,30 @@ def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
 
 
 def plot_loss_correction(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    """Figure 10: without (solid) and with (dashed) forward correction, for experiments run both ways alike."""
+    """Figure 10: without (solid) and with (dashed) forward correction, for experiments run both ways alike, and
+    the paired difference in accuracy (forward minus none, run by run on the same seed)."""
     if not (summary["loss_correction"] == "forward").any():
         return None
     seeds = (runs[runs["status"] == "ok"].groupby(rs.GROUP_FIELDS, dropna=False)["seed"]
              .agg(lambda s: tuple(sorted(s))).rename("seeds").reset_index())
     frame = experiments(summary.merge(seeds, on=rs.GROUP_FIELDS, how="left"), None)
-    twins = [f for f in rs.GROUP_FIELDS if f != "loss_correction"] + ["seeds"]
-    frame = frame[frame.groupby(twins, dropna=False)["loss_correction"].transform("nunique") == 2]
+    twins = [f for f in rs.GROUP_FIELDS if f != "loss_correction"]
+    frame = frame[frame.groupby(twins + ["seeds"], dropna=False)["loss_correction"].transform("nunique") == 2]
     if frame.empty:
         return None
+    frame = frame.merge(rs.forward_correction_effects(runs), on=twins, how="left", suffixes=("", "_pairs"))
 
     def draw(ax, part, metric):
-        noise_lines(ax, part[part["loss_correction"] == "none"], metric, "-", "no correction")
-        noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "--", "forward correction")
+        if metric == PAIRED_CORRECTION:
+            noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "-", "forward − none (paired)")
+        else:
+            noise_lines(ax, part[part["loss_correction"] == "none"], metric, "-", "no correction")
+            noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "--", "forward correction")
         theory(ax, part, metric)
     noises = ordered(frame["noise"], nm.NOISE_TYPES)
     panels = [[(f"{setting} · {activation} · {noise}", part[part["noise"] == noise], m)
                for noise in noises for m in ("test_accuracy", "test_loss")]
+              + [(f"{setting} · {activation} · paired", part, PAIRED_CORRECTION)]
               for (setting, activation), part in frame.groupby(["setting", "activation"])]
     return grid(panels, draw, "Forward loss correction vs none (same activation and seeds)")
 
@@ -270,7 +286,7 @@ def plot_pixel_test_matching(summary: pd.DataFrame) -> Figure | None:
 
 
 @matplotlib.rc_context(STYLE)
-def curves_figure(curves: pd.DataFrame, metrics, title: str) -> Figure | None:
+def curves_figure(curves: pd.DataFrame, metrics, title: str, metrics_across: bool = False) -> Figure | None:
     """Per-epoch means (shaded: ± one standard error), a line per p (colour bar)."""
     cmap, norm = matplotlib.colormaps["viridis"], Normalize(0, 1)  # p, the same colours in every figure
 
@@ -281,7 +297,8 @@ def curves_figure(curves: pd.DataFrame, metrics, title: str) -> Figure | None:
             ax.plot(line["epoch"], mean, color=cmap(norm(p)), marker="o", markersize=2.5, linewidth=1.2)
             ax.fill_between(line["epoch"], mean - stderr, mean + stderr, color=cmap(norm(p)), alpha=0.2,
                             linewidth=0)
-    fig = by_activation(experiments(curves), metrics, title + OVER_SEEDS, draw, by_noise=True, xlabel="epoch")
+    fig = by_activation(experiments(curves), metrics, title + OVER_SEEDS, draw, by_noise=True, xlabel="epoch",
+                        metrics_across=metrics_across)
     if fig is not None:
         fig.colorbar(ScalarMappable(norm, cmap), ax=fig.axes, label="noise level p",
                      shrink=min(0.9, 6 / fig.get_figheight()))
@@ -294,10 +311,11 @@ def plot_learning_curves(curves: pd.DataFrame) -> Figure | None:
 
 
 def plot_memorisation(curves: pd.DataFrame) -> Figure | None:
-    """Figure 9: per epoch at label noise p > 0, what corrupted and uncorrupted examples are predicted as."""
+    """Figure 9: per epoch at label noise p > 0, clean-test accuracy and what corrupted and uncorrupted training
+    examples are predicted as."""
     label = curves[curves["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (curves["p"] > 0)]
-    return curves_figure(label, ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"],
-                         "Memorisation of noisy training labels")
+    metrics = ["test_accuracy", "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]
+    return curves_figure(label, metrics, "Memorisation of noisy training labels", metrics_across=True)
 
 
 def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
@@ -323,6 +341,81 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
               for setting, part in frame.groupby("setting") for noise in ordered(part["noise"], nm.NOISE_TYPES)]
     title = "Reliability on the clean test set (final models; marker area: share of test images)"
     return grid(panels, draw, title, xlabel="confidence (max softmax)")
+
+
+# ---------------------------------------------------------------- the report's tables (analysis.ipynb)
+EXPERIMENT = ["dataset", "model_type", "noise_type", "activation", "p"]  # the index of the report's tables
+
+
+def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["loss_correction"] == "none"]
+
+
+def clean_accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy at p = 0, a column per noise type (each has its own clean experiment)."""
+    clean = uncorrected(summary)
+    return clean[clean["p"] == 0].pivot_table(index=EXPERIMENT[:2] + ["activation"], columns="noise_type",
+                             values="test_accuracy_mean").round(4)
+
+
+def levels_table(summary: pd.DataFrame, ps) -> pd.DataFrame:
+    """Accuracy with its 95% confidence interval, and cross-entropy, at the noise levels `ps`."""
+    columns = {"n": "seeds", "test_accuracy_mean": "accuracy", "test_accuracy_ci95_low": "CI low",
+               "test_accuracy_ci95_high": "CI high", "test_loss_mean": "cross-entropy"}
+    rows = uncorrected(summary)
+    return rows[rows["p"].isin(ps)].set_index(EXPERIMENT)[list(columns)].rename(columns=columns).sort_index().round(3)
+
+
+def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Test cross-entropy minus that of a model predicting the noisy-label posterior, below the information limit."""
+    label = uncorrected(summary)
+    label = label[label["p"] < label["noise_type"].map(INFORMATION_LIMITS)]  # NaN for other types: left out
+    posterior = [float(posterior_model_loss(t, p)) for t, p in zip(label["noise_type"], label["p"])]
+    excess = label[EXPERIMENT].assign(excess=label["test_loss_mean"] - posterior)
+    return excess.pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
+                              values="excess").round(3)
+
+
+def pixel_test_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Pixel noise: mean accuracy on clean and on equally noisy test images, a column pair per activation."""
+    rows = uncorrected(summary)
+    table = rows[rows["noise_type"].isin(nm.PIXEL_NOISE_TYPES)].pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
+                             values=["test_accuracy_mean", "noisy_test_accuracy_mean"])
+    names = {"test_accuracy_mean": "clean test", "noisy_test_accuracy_mean": "noisy test"}
+    return table.rename(columns=names).swaplevel(axis=1).sort_index(axis=1).round(3)
+
+
+def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Label noise at p > 0: the epoch of highest mean test accuracy and the last epoch, with the test accuracy
+    and the fraction of corrupted training examples predicted as their noisy label at each."""
+    label = uncorrected(curves)
+    label = label[label["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (label["p"] > 0)]
+    experiment = label.groupby(rs.GROUP_FIELDS, dropna=False)
+    columns = {"epoch": "epoch", "test_accuracy_mean": "test accuracy", "memorised_fraction_mean": "memorised"}
+    best, last = (label.loc[experiment[column].idxmax()].set_index(EXPERIMENT)[list(columns)].rename(columns=columns)
+                  for column in ("test_accuracy_mean", "epoch"))
+    return pd.concat({"at the highest test accuracy": best, "at the last epoch": last}, axis=1).sort_index().round(3)
+
+
+def forward_correction_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Forward correction minus none, paired run by run on the same seed: means and 95% confidence intervals."""
+    effects = rs.forward_correction_effects(runs).set_index(EXPERIMENT)
+    statistics = {"mean": "mean", "ci95_low": "CI low", "ci95_high": "CI high"}
+    parts = {f"{LABELS[m]}, forward − none": effects[[f"forward_minus_none_{m}_{s}" for s in statistics]]
+             .set_axis(list(statistics.values()), axis=1) for m in rs.DELTA_METRICS}
+    return pd.concat({"": effects[["n"]].rename(columns={"n": "pairs"}), **parts}, axis=1).sort_index().round(3)
+
+
+def paired_vs_unpaired_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per noise type, the standard error of the paired difference from p = 0 divided by the unpaired one,
+    sqrt(se at p ** 2 + se at 0 ** 2): below 1, pairing narrows the interval."""
+    table = uncorrected(summary)
+    keys = EXPERIMENT[:4] + [f for f in rs.GROUP_FIELDS if f not in EXPERIMENT + ["loss_correction"]]
+    clean = table[table["p"] == 0][keys + ["test_accuracy_stderr"]]
+    noisy = table[table["p"] > 0].merge(clean, on=keys, suffixes=("", "_clean"))
+    unpaired = (noisy["test_accuracy_stderr"] ** 2 + noisy["test_accuracy_stderr_clean"] ** 2) ** 0.5
+    ratio = (noisy["delta_test_accuracy_stderr"] / unpaired).rename("paired / unpaired standard error")
+    return ratio.groupby(noisy["noise_type"]).describe()[["count", "min", "50%", "max"]].round(2)
 
 
 FIGURES = {  # name: (file, the figure of a results_store.Results, None when its data are absent)

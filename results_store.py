@@ -135,7 +135,8 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
             values = pd.to_numeric(group[metric], errors="coerce")
             row.update({f"{metric}_{name}": value for name, value in describe(values).items()})
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)])
+    columns = [*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
+    return pd.DataFrame(rows, columns=columns).astype(frame[by].dtypes.to_dict())  # keys keep their types
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
@@ -163,6 +164,17 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
     summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
     return clipped_to_unit_interval(summary)
+
+
+def forward_correction_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment run both ways: forward correction minus none, run by run on the same seed (paired), summarized
+    as forward_minus_none_M_<statistic> for M in DELTA_METRICS."""
+    ok = runs[runs["status"] == "ok"]
+    twins = [f for f in GROUP_FIELDS if f != "loss_correction"]
+    pairs = ok[ok["loss_correction"] == "none"].merge(ok[ok["loss_correction"] == "forward"], on=twins + ["seed"],
+                                                      suffixes=("_none", "_forward"))
+    effects = {f"forward_minus_none_{m}": pairs[f"{m}_forward"] - pairs[f"{m}_none"] for m in DELTA_METRICS}
+    return summarize(pairs[twins].assign(**effects), twins, list(effects))
 
 
 def clipped_to_unit_interval(summary: pd.DataFrame) -> pd.DataFrame:

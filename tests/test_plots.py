@@ -81,7 +81,7 @@ def half_lengths(container) -> np.ndarray:
 def test_every_line_is_one_experiment_with_standard_error_bars(results, draw, metrics):
     fig = draw(results.summary, results.runs)
     lines = experiment_lines(results.summary, metrics)
-    drawn = errorbars(fig)
+    drawn = [(ax, c) for ax, c in errorbars(fig) if not ax.get_title().endswith("paired")]  # figure 10's own test
     assert drawn
     for ax, container in drawn:
         matches = matching_experiments(container, lines)
@@ -104,6 +104,61 @@ def test_figures_one_to_nine_show_uncorrected_runs_and_corrected_ones_only_in_fi
                 (experiment[0]["activation"], experiment[0]["noise_type"]))
     # tanh's corrected label_uniform runs used other seeds: no pair
     assert by_correction == {"none": {("relu", "label_flip")}, "forward": {("relu", "label_flip")}}
+
+
+def test_loss_correction_panel_shows_forward_minus_none_paired_by_seed(results):
+    fig = plots.plot_loss_correction(results.summary, results.runs)
+    paired = [(ax, c) for ax, c in errorbars(fig) if ax.get_title().endswith("paired")]
+    assert [(ax.get_title(), c.get_label()) for ax, c in paired] == [
+        ("mnist · mlp · relu · paired", "label_flip, forward − none (paired)")]  # tanh: other seeds, no panel
+    effects = rs.forward_correction_effects(results.runs)
+    expected = effects[(effects["activation"] == "relu") & (effects["noise_type"] == "label_flip")].sort_values("p")
+    np.testing.assert_allclose(np.asarray(paired[0][1].lines[0].get_ydata(), float), expected["forward_minus_none_test_accuracy_mean"])
+    np.testing.assert_allclose(half_lengths(paired[0][1]), expected["forward_minus_none_test_accuracy_stderr"])
+
+
+def test_report_tables_hold_the_summary_values(results):
+    summary = results.summary.set_index(plots.EXPERIMENT + ["loss_correction"])
+    clean = plots.clean_accuracy_table(results.summary)
+    assert clean.loc[("mnist", "mlp", "tanh"), "label_flip"] == round(
+        summary.loc[("mnist", "mlp", "label_flip", "tanh", 0.0, "none"), "test_accuracy_mean"], 4)
+    levels = plots.levels_table(results.summary, [0.5])
+    assert set(levels.index.get_level_values("p")) == {0.5} and len(levels) == 2 * 3  # activations x noise types
+    row = summary.loc[("mnist", "mlp", "label_uniform", "relu", 0.5, "none")]
+    assert levels.loc[("mnist", "mlp", "label_uniform", "relu", 0.5), "CI high"] == round(
+        row["test_accuracy_ci95_high"], 3)
+    excess = plots.posterior_excess_table(results.summary)
+    assert excess.loc[("mnist", "mlp", "label_flip", 0.5), "relu"] == round(
+        summary.loc[("mnist", "mlp", "label_flip", "relu", 0.5, "none"), "test_loss_mean"] - np.log(2), 3)
+    assert 1.0 not in excess.loc[("mnist", "mlp", "label_uniform")].index  # at the information limit
+    pixel = plots.pixel_test_table(results.summary)
+    assert pixel.loc[("mnist", "mlp", "pixel_uniform", 0.9), ("tanh", "noisy test")] == round(
+        summary.loc[("mnist", "mlp", "pixel_uniform", "tanh", 0.9, "none"), "noisy_test_accuracy_mean"], 3)
+
+
+def test_memorisation_table_takes_the_epoch_of_highest_accuracy_and_the_last(results):
+    table = plots.memorisation_table(results.curves)
+    curves = results.curves[results.curves["loss_correction"] == "none"].set_index(plots.EXPERIMENT)
+    assert len(table) == 2 * 2 * 3  # relu and tanh x two label noise types x p in {0.5, 0.9, 1.0}
+    for key, row in table.iterrows():
+        curve = curves.loc[key].set_index("epoch")
+        best = curve["test_accuracy_mean"].idxmax()
+        assert row[("at the highest test accuracy", "epoch")] == best
+        assert row[("at the highest test accuracy", "memorised")] == round(curve.loc[best, "memorised_fraction_mean"], 3)
+        assert row[("at the last epoch", "epoch")] == curve.index.max()
+
+
+def test_paired_vs_unpaired_table_by_hand(results):
+    table = plots.paired_vs_unpaired_table(results.summary)
+    assert table.loc["label_flip", "count"] == 2 * 3 and table.loc["pixel_uniform", "count"] == 2 * 2
+    summary = results.summary[results.summary["loss_correction"] == "none"].set_index(
+        ["activation", "noise_type", "p"])
+    ratios = [summary.loc[(a, "pixel_uniform", p), "delta_test_accuracy_stderr"]
+              / np.hypot(summary.loc[(a, "pixel_uniform", p), "test_accuracy_stderr"],
+                         summary.loc[(a, "pixel_uniform", 0.0), "test_accuracy_stderr"])
+              for a in ("relu", "tanh") for p in (0.5, 0.9)]
+    assert table.loc["pixel_uniform", "min"] == round(min(ratios), 2)
+    assert table.loc["pixel_uniform", "max"] == round(max(ratios), 2)
 
 
 def test_panel_columns_are_activations_and_rows_settings(tmp_path):
@@ -170,7 +225,8 @@ def test_memorisation_shows_label_noise_above_zero_only(results):
     fig = plots.plot_memorisation(results.curves)
     titles = {ax.get_title() for ax in fig.axes if ax.get_title()}
     assert {title.split(" · ")[2] for title in titles} == {"label_uniform", "label_flip"}
-    assert len([line for ax in fig.axes for line in ax.lines]) == 3 * 2 * 2 * (len(LABEL_PS) - 1)
+    metrics = 4  # test accuracy, memorised, corrupted predicted as true, uncorrupted train accuracy
+    assert len([line for ax in fig.axes for line in ax.lines]) == metrics * 2 * 2 * (len(LABEL_PS) - 1)
 
 
 def test_reliability_lines_are_the_pooled_bins_of_one_experiment(results):
