@@ -351,19 +351,20 @@ def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["loss_correction"] == "none"]
 
 
-def clean_accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy at p = 0, a column per noise type (each has its own clean experiment)."""
-    clean = uncorrected(summary)
-    return clean[clean["p"] == 0].pivot_table(index=EXPERIMENT[:2] + ["activation"], columns="noise_type",
-                             values="test_accuracy_mean").round(4)
-
-
-def levels_table(summary: pd.DataFrame, ps) -> pd.DataFrame:
-    """Accuracy with its 95% confidence interval, and cross-entropy, at the noise levels `ps`."""
+def clean_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """At p = 0, per activation: test accuracy with its 95% confidence interval, and cross-entropy (every noise
+    type has its own p = 0 experiment, the same runs bit for bit: the first is shown)."""
     columns = {"n": "seeds", "test_accuracy_mean": "accuracy", "test_accuracy_ci95_low": "CI low",
                "test_accuracy_ci95_high": "CI high", "test_loss_mean": "cross-entropy"}
-    rows = uncorrected(summary)
-    return rows[rows["p"].isin(ps)].set_index(EXPERIMENT)[list(columns)].rename(columns=columns).sort_index().round(3)
+    clean = uncorrected(summary)
+    clean = clean[clean["p"] == 0].drop_duplicates([f for f in rs.GROUP_FIELDS if f != "noise_type"])
+    return clean.set_index(["dataset", "model_type", "activation"])[list(columns)].rename(columns=columns).round(4)
+
+
+def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The mean of `metric` at every noise level, a column per activation."""
+    return uncorrected(summary).pivot_table(index=["dataset", "model_type", "noise_type", "p"],
+                                            columns="activation", values=f"{metric}_mean").round(3)
 
 
 def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:

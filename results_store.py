@@ -136,7 +136,8 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
             row.update({f"{metric}_{name}": value for name, value in describe(values).items()})
         rows.append(row)
     columns = [*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
-    return pd.DataFrame(rows, columns=columns).astype(frame[by].dtypes.to_dict())  # keys keep their types
+    table = pd.DataFrame(rows, columns=columns).astype(frame[by].dtypes.to_dict())  # keys keep their types
+    return table.copy()  # consolidated: astype leaves a block per column
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:

@@ -4,6 +4,7 @@ small synthetic campaign, it draws its figures into that campaign's figures/ fol
 The kernel is the "python3" kernelspec, which jupyter_client starts with the interpreter that
 runs pytest: run pytest with the virtualenv's python.
 """
+import base64
 from pathlib import Path
 
 import nbformat
@@ -24,8 +25,10 @@ def test_committed_notebook_is_executed_on_the_reference_results_and_parameteris
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert [cell.execution_count for cell in code_cells] == list(range(1, len(code_cells) + 1))
     assert not [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
-    images = [output for cell in code_cells for output in cell.outputs if "image/png" in output.get("data", {})]
-    assert len(images) == len(list((ROOT / "results" / "reference" / "figures").glob("*.png")))
+    images = [base64.b64decode(output["data"]["image/png"]) for cell in code_cells for output in cell.outputs
+              if "image/png" in output.get("data", {})]
+    committed = {path.read_bytes() for path in (ROOT / "results" / "reference").glob("**/figures/*.png")}
+    assert images and all(image in committed for image in images)  # executed on the committed results
     first = notebook.cells[0]
     assert first.cell_type == "code" and first.metadata.get("tags") == ["parameters"]
     assert 'os.environ.get("ANALYSIS_RESULTS_DIR", "results/reference")' in first.source
@@ -36,18 +39,23 @@ def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monke
     records = grid_records(("relu", "tanh"), ("label_flip", "pixel_uniform"), seeds=(11, 22))
     records += grid_records(("relu",), ("label_flip",), seeds=(11, 22), loss_correction="forward")
     results_dir = campaign(tmp_path / "campaign", records)
+    longer = campaign(results_dir / "memorisation", grid_records(("relu",), ("label_uniform",), seeds=(11, 22)))
     monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(results_dir))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
 
+    # the memorisation curve comes from the longer-training campaign beside it, and is saved there
+    assert [path.name for path in (longer / "figures").glob("*.png")] == [plots.FIGURE_FILES["memorisation"]]
     written = {path.name for path in (results_dir / "figures").glob("*.png")}
-    assert written == set(plots.FIGURE_FILES.values()) - {plots.FIGURE_FILES["early_stopping"]}  # no validation
+    assert written == set(plots.FIGURE_FILES.values()) - {plots.FIGURE_FILES[name] for name in (
+        "early_stopping", "memorisation")}  # no validation split; memorisation: above
+    written |= {plots.FIGURE_FILES["memorisation"]}
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) == len(written)
     skipped = [output["text"] for output in outputs if output.get("name") == "stdout" and "skipped" in output["text"]]
     assert skipped == [f"{plots.FIGURE_FILES['early_stopping']}: no data for it in {results_dir}; skipped\n"]
     tables = [output for output in outputs if "text/html" in output.get("data", {})]
-    assert len(tables) == 7  # the runs not ok, the campaign overview and the five tables
+    assert len(tables) == 10  # the runs not ok, the campaign overview and the eight tables
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def test_report_renders_while_the_campaign_runs(mnist, mnist_dir, tmp_path):
         assert report.returncode == 0, report.stderr
         assert str(out / "report.html") in report.stdout.splitlines()
         html = (out / "report.html").read_text()
-        assert "Test accuracy vs noise level" in html and "data:image/png;base64" in html
+        assert "Test accuracy and cross-entropy against the noise level" in html and "data:image/png;base64" in html
         assert campaign.wait(timeout=300) == 0
         assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 8
     finally:
