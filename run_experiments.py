@@ -520,6 +520,18 @@ class Campaign:
         self.lock.close()
 
 
+def not_identifiable_note(specs: list[RunSpec]) -> str:
+    """A line naming the grid points where forward correction's T is singular (checked before anything runs):
+    their runs are recorded as not_identifiable, untrained, so that the rest of the grid still runs."""
+    points = {(s.config.noise_type, s.config.p, s.config.noise_matrix): s.config for s in specs
+              if s.config.loss_correction == "forward"}
+    singular = sorted({f"{t} p={p:g}" for (t, p, _), cfg in points.items() if nm.forward_correction_problem(cfg)})
+    if not singular:
+        return ""
+    return (f"note: forward correction is not identifiable at {', '.join(singular)} (T singular or condition number "
+            f"above {nm.MAX_CONDITION:g}); those runs are recorded as not_identifiable and not trained.")
+
+
 def run_campaign(config: dict, fresh: bool = False) -> int:
     """Run every missing run of the grid; returns the process exit code."""
     specs = build_grid(config)
@@ -537,6 +549,8 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     try:
         todo = runs_to_do(specs, campaign.records, config)
         campaign.write_metadata()
+        if note := not_identifiable_note(specs):
+            campaign.say(note)
         where = (f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
                  if config["executor"] == "local" else f"the Dask cluster at {config['dask_scheduler']}")
         done = campaign.metadata["counts"]["done"]
@@ -688,6 +702,8 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
         print(f"With target_ci95 = {config['target_ci95']}: from {len(specs)} runs ({duration(wall)}) if every "
               f"grid point meets it at once, to {round(len(specs) * most)} runs ({duration(wall * most)}) if every "
               "one needs max_repeats.")
+    if note := not_identifiable_note(specs):
+        print(note)
     for spec in specs if list_runs else []:
         cfg = spec.config
         print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} "

@@ -1083,8 +1083,14 @@ def test_forward_correction_with_a_singular_transition_matrix_is_not_run(mnist, 
     out = tmp_path / "results"
     argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0.5,0.9", "--loss_corrections",
                      "none,forward")
+    code, stdout, stderr = run_main(argv + ["--dry-run"])  # named before anything runs
+    note = ("note: forward correction is not identifiable at label_flip p=0.9 (T singular or condition number above "
+            "10000); those runs are recorded as not_identifiable and not trained.")
+    assert code == 0 and note in stdout.splitlines(), stdout + stderr
     code, stdout, stderr = run_main(argv)
     assert code == 0, stdout + stderr
+    lines = stdout.splitlines()
+    assert lines.index(note) < next(i for i, line in enumerate(lines) if line.startswith("[1/"))
     records = rs.RunStore(out).load().values()
     skipped = [r for r in records if r["status"] == "not_identifiable"]
     assert len(skipped) == 2 and all(r["loss_correction"] == "forward" and r["p"] == 0.9 for r in skipped)
