@@ -351,6 +351,14 @@ def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["loss_correction"] == "none"]
 
 
+def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """What the campaign ran: per dataset, model, noise type and loss correction, the activations, the number
+    of noise levels, the epochs and the fewest seeds of any experiment."""
+    return summary.groupby(["dataset", "model_type", "noise_type", "loss_correction"]).agg(
+        activations=("activation", lambda a: ", ".join(ordered(a, nm.ACTIVATIONS))), noise_levels=("p", "nunique"),
+        epochs=("epochs", "max"), seeds_per_experiment=("n", "min"))
+
+
 def clean_table(summary: pd.DataFrame) -> pd.DataFrame:
     """At p = 0, per activation: test accuracy with its 95% confidence interval, and cross-entropy (every noise
     type has its own p = 0 experiment, the same runs bit for bit: the first is shown)."""

@@ -301,3 +301,11 @@ def test_figures_of_the_committed_results(tmp_path):
     paths = plots.write_figures(ROOT / "results" / "reference", figures_dir=tmp_path)
     assert {p.name for p in paths} >= {plots.FIGURE_FILES[name] for name in ("accuracy_vs_p", "loss_vs_p",
                                                                              "loss_correction", "reliability")}
+
+
+def test_overview_table_says_what_the_campaign_ran(results):
+    table = plots.overview_table(results.summary)
+    assert table.loc[("mnist", "mlp", "label_flip", "none"), "activations"] == "relu, tanh"
+    assert table.loc[("mnist", "mlp", "label_flip", "forward"), "activations"] == "relu"
+    assert table.loc[("mnist", "mlp", "label_uniform", "forward"), "seeds_per_experiment"] == 2  # tanh: 2 seeds
+    assert table.loc[("mnist", "mlp", "pixel_uniform", "none"), "noise_levels"] == len(PIXEL_PS)
