@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 ECE_BINS = 15  # equal-width confidence bins of the calibration error and reliability diagrams
@@ -17,12 +17,13 @@ ECE_BINS = 15  # equal-width confidence bins of the calibration error and reliab
 def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean over classes of the one-vs-rest ROC-AUC (Mann-Whitney form, ties averaged);
     classes without positives or without negatives are left out."""
+    ranks = pd.DataFrame(probs).rank().to_numpy()  # per class, ties averaged
     aucs = []
     for k in range(probs.shape[1]):
         positive = labels == k
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos and n_neg:
-            rank_sum = rankdata(probs[:, k])[positive].sum()
+            rank_sum = ranks[positive, k].sum()
             aucs.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     return float(np.mean(aucs))
 

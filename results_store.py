@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
+from scipy.special import stdtrit
 
 import nnet_models as nm
 from metrics import ECE_BINS
@@ -120,7 +120,7 @@ def describe(values: pd.Series) -> dict[str, float]:
         return {"mean": mean, **dict.fromkeys(STATISTICS[1:], math.nan)}
     std = values.std(ddof=1)
     stderr = std / math.sqrt(n)
-    half_width = stats.t.ppf(0.975, n - 1) * stderr
+    half_width = stdtrit(n - 1, 0.975) * stderr
     return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half_width, "ci95_high": mean + half_width}
 
 
@@ -207,7 +207,7 @@ class Target:
         values = pd.Series(first_stage_values, dtype=float)
         if values.count() < 2:
             return math.nan
-        return stats.t.ppf(0.975, values.count() - 1) * values.std(ddof=1) / math.sqrt(n)
+        return stdtrit(values.count() - 1, 0.975) * values.std(ddof=1) / math.sqrt(n)
 
 
 def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
