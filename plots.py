@@ -388,7 +388,8 @@ def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
 def pixel_test_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Pixel noise: mean accuracy on clean and on equally noisy test images, a column pair per activation."""
     rows = uncorrected(summary)
-    table = rows[rows["noise_type"].isin(nm.PIXEL_NOISE_TYPES)].pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
+    rows = rows[rows["noise_type"].isin(nm.PIXEL_NOISE_TYPES)]
+    table = rows.pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
                              values=["test_accuracy_mean", "noisy_test_accuracy_mean"])
     names = {"test_accuracy_mean": "clean test", "noisy_test_accuracy_mean": "noisy test"}
     return table.rename(columns=names).swaplevel(axis=1).sort_index(axis=1).round(3)

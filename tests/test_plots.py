@@ -113,7 +113,8 @@ def test_loss_correction_panel_shows_forward_minus_none_paired_by_seed(results):
         ("mnist · mlp · relu · paired", "label_flip, forward − none (paired)")]  # tanh: other seeds, no panel
     effects = rs.forward_correction_effects(results.runs)
     expected = effects[(effects["activation"] == "relu") & (effects["noise_type"] == "label_flip")].sort_values("p")
-    np.testing.assert_allclose(np.asarray(paired[0][1].lines[0].get_ydata(), float), expected["forward_minus_none_test_accuracy_mean"])
+    drawn = np.asarray(paired[0][1].lines[0].get_ydata(), float)
+    np.testing.assert_allclose(drawn, expected["forward_minus_none_test_accuracy_mean"])
     np.testing.assert_allclose(half_lengths(paired[0][1]), expected["forward_minus_none_test_accuracy_stderr"])
 
 
@@ -145,7 +146,8 @@ def test_memorisation_table_takes_the_epoch_of_highest_accuracy_and_the_last(res
         curve = curves.loc[key].set_index("epoch")
         best = curve["test_accuracy_mean"].idxmax()
         assert row[("at the highest test accuracy", "epoch")] == best
-        assert row[("at the highest test accuracy", "memorised")] == round(curve.loc[best, "memorised_fraction_mean"], 3)
+        memorised = curve.loc[best, "memorised_fraction_mean"]
+        assert row[("at the highest test accuracy", "memorised")] == round(memorised, 3)
         assert row[("at the last epoch", "epoch")] == curve.index.max()
 
 
