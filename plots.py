@@ -178,8 +178,7 @@ def by_activation(frame: pd.DataFrame, metrics, title: str, draw=noise_panel, by
 
 def plot_metric_vs_p(summary: pd.DataFrame, metric: str = "test_accuracy") -> Figure | None:
     """Figures 1 and 2: `metric` vs p, a line per noise type."""
-    title = f"{LABELS[metric].capitalize()} vs noise level" + OVER_SEEDS
-    return by_activation(experiments(summary), [metric], title)
+    return by_activation(experiments(summary), [metric], f"{LABELS[metric].capitalize()} vs noise level" + OVER_SEEDS)
 
 
 def plot_paired_differences(summary: pd.DataFrame) -> Figure | None:
@@ -195,10 +194,9 @@ def plot_label_vs_pixel(summary: pd.DataFrame) -> Figure | None:
     if not (label.any() and (~label).any()):
         return None
     families = (("label noise", frame[label]), ("pixel noise", frame[~label]))
-    activations = ordered(frame["activation"], nm.ACTIVATIONS)
     panels = [[(f"{setting} · {a} · {family}", part[(part["setting"] == setting) & (part["activation"] == a)], m)
                for m in ("test_accuracy", "test_loss") for family, part in families]
-              for setting in sorted(frame["setting"].unique()) for a in activations]
+              for setting in sorted(frame["setting"].unique()) for a in ordered(frame["activation"], nm.ACTIVATIONS)]
     return grid(panels, noise_panel, "Label noise vs pixel noise" + OVER_SEEDS)
 
 
@@ -295,8 +293,7 @@ def curves_figure(curves: pd.DataFrame, metrics, title: str, metrics_across: boo
             line = line.sort_values("epoch")
             mean, stderr = line[f"{metric}_mean"], line[f"{metric}_stderr"]
             ax.plot(line["epoch"], mean, color=cmap(norm(p)), marker="o", markersize=2.5, linewidth=1.2)
-            ax.fill_between(line["epoch"], mean - stderr, mean + stderr, color=cmap(norm(p)), alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(line["epoch"], mean - stderr, mean + stderr, color=cmap(norm(p)), alpha=0.2, linewidth=0)
     fig = by_activation(experiments(curves), metrics, title + OVER_SEEDS, draw, by_noise=True, xlabel="epoch",
                         metrics_across=metrics_across)
     if fig is not None:
@@ -345,6 +342,7 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
 
 # ---------------------------------------------------------------- the report's tables (analysis.ipynb)
 EXPERIMENT = ["dataset", "model_type", "noise_type", "activation", "p"]  # the index of the report's tables
+NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the tables with a column per activation
 
 
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
@@ -371,8 +369,7 @@ def clean_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The mean of `metric` at every noise level, a column per activation."""
-    return uncorrected(summary).pivot_table(index=["dataset", "model_type", "noise_type", "p"],
-                                            columns="activation", values=f"{metric}_mean").round(3)
+    return uncorrected(summary).pivot_table(index=NOISE_LEVEL, columns="activation", values=f"{metric}_mean").round(3)
 
 
 def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -381,25 +378,21 @@ def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
     label = label[label["p"] < label["noise_type"].map(INFORMATION_LIMITS)]  # NaN for other types: left out
     posterior = [float(posterior_model_loss(t, p)) for t, p in zip(label["noise_type"], label["p"])]
     excess = label[EXPERIMENT].assign(excess=label["test_loss_mean"] - posterior)
-    return excess.pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
-                              values="excess").round(3)
+    return excess.pivot_table(index=NOISE_LEVEL, columns="activation", values="excess").round(3)
 
 
 def pixel_test_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Pixel noise: mean accuracy on clean and on equally noisy test images, a column pair per activation."""
-    rows = uncorrected(summary)
-    rows = rows[rows["noise_type"].isin(nm.PIXEL_NOISE_TYPES)]
-    table = rows.pivot_table(index=["dataset", "model_type", "noise_type", "p"], columns="activation",
-                             values=["test_accuracy_mean", "noisy_test_accuracy_mean"])
+    rows = uncorrected(summary).loc[lambda t: t["noise_type"].isin(nm.PIXEL_NOISE_TYPES)]
     names = {"test_accuracy_mean": "clean test", "noisy_test_accuracy_mean": "noisy test"}
+    table = rows.pivot_table(index=NOISE_LEVEL, columns="activation", values=list(names))
     return table.rename(columns=names).swaplevel(axis=1).sort_index(axis=1).round(3)
 
 
 def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Label noise at p > 0: the epoch of highest mean test accuracy and the last epoch, with the test accuracy
     and the fraction of corrupted training examples predicted as their noisy label at each."""
-    label = uncorrected(curves)
-    label = label[label["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (label["p"] > 0)]
+    label = uncorrected(curves).loc[lambda t: t["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (t["p"] > 0)]
     experiment = label.groupby(rs.GROUP_FIELDS, dropna=False)
     columns = {"epoch": "epoch", "test_accuracy_mean": "test accuracy", "memorised_fraction_mean": "memorised"}
     best, last = (label.loc[experiment[column].idxmax()].set_index(EXPERIMENT)[list(columns)].rename(columns=columns)

@@ -99,8 +99,7 @@ def check_record(record, run_id: str) -> None:
     """Raise ValueError unless `record` is a complete run record of `run_id`."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    missing = {"run_id", "repeat", "status", *GROUP_FIELDS} - set(record)
-    if missing:
+    if missing := {"run_id", "repeat", "status", *GROUP_FIELDS} - set(record):
         raise ValueError(f"missing fields {sorted(missing)}")
     if record["run_id"] != run_id or record["status"] not in STATUSES or not isinstance(record["repeat"], int):
         raise ValueError(f"run_id, repeat or status ({record['status']!r}) is not what a record of {run_id} holds")
@@ -264,9 +263,8 @@ def read_results(output_dir: str | Path) -> Results:
     output_dir = Path(output_dir)
     runs = read_csv(output_dir / PER_RUN_CSV)
     config = runs[runs["status"] == "ok"][["run_id", *GROUP_FIELDS]]
-    history, reliability = (read_csv(output_dir / name) for name in (HISTORY_CSV, RELIABILITY_CSV))
-    history, reliability = (table.drop(columns=[c for c in table if c in GROUP_FIELDS]).merge(config, on="run_id")
-                            for table in (history, reliability))
+    history, reliability = (read_csv(output_dir / name).drop(columns=GROUP_FIELDS, errors="ignore")
+                            .merge(config, on="run_id") for name in (HISTORY_CSV, RELIABILITY_CSV))
     return Results(runs=runs, summary=read_csv(output_dir / SUMMARY_CSV),
                    curves=summarize(history, GROUP_FIELDS + ["epoch"], nm.HISTORY_METRICS),
                    reliability=pool_reliability(reliability))
@@ -282,8 +280,6 @@ def read_csv(path: Path) -> pd.DataFrame:
 def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:
     """Each experiment's reliability bins pooled over its runs as if their test predictions were one set."""
     filled = reliability[reliability["count"] > 0]
-    weighted = filled.assign(confidence=filled["confidence"] * filled["count"],
-                             accuracy=filled["accuracy"] * filled["count"])
-    pooled = weighted.groupby(GROUP_FIELDS + ["bin"], dropna=False, sort=True)[["count", "confidence", "accuracy"]].sum()
-    return pooled.assign(confidence=pooled["confidence"] / pooled["count"],
-                         accuracy=pooled["accuracy"] / pooled["count"]).reset_index()
+    weighted = filled.assign(**{f: filled[f] * filled["count"] for f in ("confidence", "accuracy")})
+    pooled = weighted.groupby(GROUP_FIELDS + ["bin"], dropna=False)[["count", "confidence", "accuracy"]].sum()
+    return pooled.assign(**{f: pooled[f] / pooled["count"] for f in ("confidence", "accuracy")}).reset_index()
