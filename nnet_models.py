@@ -368,10 +368,6 @@ class Optimizer:
             self.state[p]["momentum_buffer"] = buffer
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
-    return Optimizer(model, cfg)
-
-
 class BatchSource:
     """Turns indices into batches: gather the uint8 images, add pixel noise, standardize."""
 
@@ -480,19 +476,18 @@ def fits_tiny_subset(cfg: TrainConfig, data: Dataset, n: int = 100, steps: int =
     training examples: a set-up that cannot fit them will not learn the real task either."""
     torch.set_num_threads(max(1, cfg.cpu_threads))
     clean = TrainConfig(dataset=cfg.dataset, normalize=cfg.normalize, seed=cfg.seed)
-    images = BatchSource(clean, data.train_images[:n], torch.device("cpu")).batch(torch.arange(n))
-    labels = data.train_labels[:n]
+    source, labels = BatchSource(clean, data.train_images[:n], torch.device("cpu")), data.train_labels[:n]
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
-    optimizer = make_optimizer(model, cfg)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    optimizer, order = Optimizer(model, cfg), make_generator(cfg.seed, "data_order")
+    try:
+        for _ in range(steps):
+            loss = train_one_epoch(model, optimizer, source, labels, n, order)
+    except DivergedError as exc:
+        return 0.0, exc.loss
     with torch.inference_mode():
-        accuracy = (model(images).argmax(1) == labels).double().mean().item()
-    return accuracy, loss.item()
+        accuracy = (predict(model, source, torch.arange(n)).argmax(1) == labels).double().mean().item()
+    return accuracy, loss
 
 
 class RunData(NamedTuple):
@@ -585,7 +580,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     run = prepare_run(cfg, data or load_dataset(cfg.dataset, cfg.data_dir), device)
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = Optimizer(model, cfg)
     loss_fn = training_loss(cfg, device)
     order_generator = make_generator(cfg.seed, "data_order", device)
     history, train_seconds = defaultdict(list), 0.0

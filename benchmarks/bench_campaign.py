@@ -206,7 +206,7 @@ def core_throughput(name: str, model_type: str, data, n_samples: int, rounds: in
     source = nm.BatchSource(cfg, data.train_images[:n_samples], torch.device("cpu"))
     labels = data.train_labels[:n_samples]
     model = nm.build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
-    optimizer = nm.make_optimizer(model, cfg)
+    optimizer = nm.Optimizer(model, cfg)
     order = nm.make_generator(cfg.seed, "data_order")
     a, b = torch.randn(512, 784), torch.randn(784, 256)
     train_s, mm_s = best_of_alternating(

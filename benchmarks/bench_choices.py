@@ -66,14 +66,14 @@ def training_loop(data: nm.Dataset, cfg: nm.TrainConfig, optimizer_of, samples: 
 def optimizer_class(data: nm.Dataset) -> None:
     cfg = nm.TrainConfig(noise_type="pixel_uniform", p=0.5)
     compare("MLP training epoch (8,192 samples): torch.optim's fused Adam kernel vs the torch.optim.Adam class",
-            training_loop(data, cfg, lambda model: nm.make_optimizer(model, cfg)),
+            training_loop(data, cfg, lambda model: nm.Optimizer(model, cfg)),
             training_loop(data, cfg, lambda model: torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)), 2)
 
 
 def subnormals(data: nm.Dataset) -> None:
     """Later epochs of an MLP whose dead units' Adam moments have decayed towards subnormals."""
     cfg = nm.TrainConfig(noise_type="label_flip", p=0.0)
-    epoch = training_loop(data, cfg, lambda model: nm.make_optimizer(model, cfg), samples=60_000)
+    epoch = training_loop(data, cfg, lambda model: nm.Optimizer(model, cfg), samples=60_000)
     for _ in range(3):
         epoch()
 
@@ -93,7 +93,7 @@ def cnn_choices(data: nm.Dataset) -> None:
     labels = data.train_labels[:128]
 
     def step_of(model: nn.Module):
-        optimizer = nm.make_optimizer(model, cfg)
+        optimizer = nm.Optimizer(model, cfg)
 
         def step():
             optimizer.zero_grad()

@@ -212,7 +212,7 @@ def test_optimizer_updates_are_torch_optims_bit_for_bit(name, weight_decay):
     torch.manual_seed(0)
     ours, reference = build_model("mlp", "relu", (8,)), build_model("mlp", "relu", (8,))
     reference.load_state_dict(ours.state_dict())
-    optimizer = nm.make_optimizer(ours, TrainConfig(optimizer=name, learning_rate=0.01, weight_decay=weight_decay))
+    optimizer = nm.Optimizer(ours, TrainConfig(optimizer=name, learning_rate=0.01, weight_decay=weight_decay))
     if name == "adam":
         torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, weight_decay=weight_decay, fused=True)
     else:
@@ -232,7 +232,7 @@ def test_optimizer_steps_by_hand():
     for name, moves in [("sgd", [0.1, 0.1 + 0.19]), ("adam", [0.1, 0.2])]:
         model = nn.Linear(3, 1)
         start = [p.detach().clone() for p in model.parameters()]
-        optimizer = nm.make_optimizer(model, TrainConfig(optimizer=name, learning_rate=0.1))
+        optimizer = nm.Optimizer(model, TrainConfig(optimizer=name, learning_rate=0.1))
         for move in moves:
             optimizer.zero_grad()
             sum(p.sum() for p in model.parameters()).backward()  # gradient 1 for every weight
@@ -243,7 +243,7 @@ def test_optimizer_steps_by_hand():
 
 def test_unknown_optimizer_raises():
     with pytest.raises(ValueError) as info:
-        nm.make_optimizer(build_model("mlp", "relu", (8,)), TrainConfig(optimizer="rmsprop"))
+        nm.Optimizer(build_model("mlp", "relu", (8,)), TrainConfig(optimizer="rmsprop"))
     assert_names_allowed(info, "rmsprop", nm.OPTIMIZERS)
 
 
@@ -329,7 +329,7 @@ def test_training_passes_compute_in_the_precision_and_keep_float32_state(precisi
     model = build_model("mlp", "relu", (16,))
     seen = []
     model[1].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))  # the first Linear
-    optimizer = nm.make_optimizer(model, cfg)
+    optimizer = nm.Optimizer(model, cfg)
     images, labels = torch.randint(0, 256, (64, 784), dtype=torch.uint8), torch.randint(0, K, (64,))
     loss = nm.train_one_epoch(model, optimizer, nm.BatchSource(cfg, images, CPU), labels, 16,
                               torch.Generator().manual_seed(0), precision=precision)
@@ -366,7 +366,7 @@ def test_train_one_epoch_visits_each_example_once_and_returns_the_mean_loss():
         return loss
 
     subset = torch.arange(3, 100, 2)  # 49 examples
-    mean = nm.train_one_epoch(model, nm.make_optimizer(model, cfg), source, labels, 16,
+    mean = nm.train_one_epoch(model, nm.Optimizer(model, cfg), source, labels, 16,
                               torch.Generator().manual_seed(0), subset, recording_loss)
     assert [len(b) for b in source.seen] == [16, 16, 16, 1]
     assert torch.equal(torch.cat(source.seen).sort().values, subset)
@@ -374,7 +374,7 @@ def test_train_one_epoch_visits_each_example_once_and_returns_the_mean_loss():
     assert mean == pytest.approx(sum(loss * n for loss, n in losses) / 49, rel=1e-6)
     # another epoch of the same generator: another order; without indices, every example
     again = RecordingSource(source.source)
-    nm.train_one_epoch(model, nm.make_optimizer(model, cfg), again, labels, 32, torch.Generator().manual_seed(1))
+    nm.train_one_epoch(model, nm.Optimizer(model, cfg), again, labels, 32, torch.Generator().manual_seed(1))
     assert torch.equal(torch.cat(again.seen).sort().values, torch.arange(100))
 
 
