@@ -437,6 +437,7 @@ FIGURES = {  # name: (file, the figure of a results_store.Results, None when its
     "paired_differences": ("fig13_paired_differences.png", lambda r: plot_paired_differences(r.summary)),
 }
 FIGURE_FILES = {name: file for name, (file, _) in FIGURES.items()}
+HEADLINE_FIGURES = ("accuracy_vs_p", "loss_vs_p", "label_vs_pixel")  # drawn at the end of every campaign
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -446,11 +447,12 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None) -> list[Path]:
-    """Draw every figure with data in `output_dir`'s CSVs into `figures_dir` (default: output_dir/figures)."""
+def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None, names=tuple(FIGURES)) -> list[Path]:
+    """Draw the figures `names` (default: all) that have data in `output_dir`'s CSVs into `figures_dir` (default:
+    output_dir/figures)."""
     results = rs.read_results(output_dir)
     figures_dir = Path(output_dir) / "figures" if figures_dir is None else Path(figures_dir)
-    figures = ((file, draw(results)) for file, draw in FIGURES.values())
+    figures = ((FIGURES[name][0], FIGURES[name][1](results)) for name in names)
     return [save_figure(fig, figures_dir / file) for file, fig in figures if fig is not None]
 
 

@@ -112,31 +112,21 @@ def check_record(record, run_id: str) -> None:
             raise ValueError("its history or reliability bins are missing or incomplete")
 
 
-def describe(values: pd.Series) -> dict[str, float]:
-    """Mean, sample std (ddof=1), standard error and the t-based 95% CI of the mean."""
-    n, mean = values.count(), values.mean()
-    if n < 2:
-        return {"mean": mean, **dict.fromkeys(STATISTICS[1:], math.nan)}
-    std = values.std(ddof=1)
-    stderr = std / math.sqrt(n)
-    half_width = stdtrit(n - 1, 0.975) * stderr
-    return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half_width, "ci95_high": mean + half_width}
-
-
 def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
-    """One row per value of `by`: n, then M_<statistic> for every metric M (missing metrics give empty columns)."""
+    """One row per value of `by`: n (runs), then for every metric M (missing ones give empty columns) its mean,
+    sample std (ddof=1), standard error and t-based 95% CI of the mean as M_<statistic>, over its non-empty values."""
     frame = frame.reindex(columns=list(dict.fromkeys([*by, *metrics])))
-    rows = []
+    values = frame[list(metrics)].apply(pd.to_numeric, errors="coerce")
     # dropna=False: max_train_samples and noise_matrix are empty for "all samples" and "none".
-    for key, group in frame.groupby(by, dropna=False, sort=True):
-        row = dict(zip(by, key), n=len(group))
-        for metric in metrics:
-            values = pd.to_numeric(group[metric], errors="coerce")
-            row.update({f"{metric}_{name}": value for name, value in describe(values).items()})
-        rows.append(row)
-    columns = [*by, "n", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
-    table = pd.DataFrame(rows, columns=columns).astype(frame[by].dtypes.to_dict())  # keys keep their types
-    return table.copy()  # consolidated: astype leaves a block per column
+    groups = values.groupby([frame[key] for key in by], dropna=False, sort=True)
+    count, mean, std = groups.count(), groups.mean(), groups.std(ddof=1)
+    stderr = std / count ** 0.5
+    half_width = stdtrit(count - 1, 0.975) * stderr
+    statistics = {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half_width,
+                  "ci95_high": mean + half_width}
+    columns = {"n": groups.size(), **{f"{m}_{s}": statistics[s][m] for m in metrics for s in STATISTICS}}
+    table = pd.DataFrame(columns)
+    return pd.concat([table.index.to_frame(index=False), table.reset_index(drop=True)], axis=1)
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:

@@ -504,14 +504,15 @@ class Campaign:
         self.bar.update()
 
     def write_outputs(self, finished: bool) -> None:
-        """The CSVs and figures, from the stored records (a signal may land between a save and its bookkeeping)."""
+        """The CSVs and headline figures, from the stored records (a signal may land between a save and its
+        bookkeeping); every figure would cost seconds at the end of every campaign (docs/performance.md)."""
         self.records = self.store.load()
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
         self.write_metadata()
         try:
             import plots
-            plots.write_figures(self.output_dir)
+            plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
         except Exception as exc:  # figures are a convenience; the CSVs are the result
             self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
 
@@ -613,8 +614,8 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     for record in failed:
         campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
-                 f"figures: {out}/figures/; log: {out}/campaign.log")
-    campaign.say(f"Report: python plots.py {out} --report  (writes {out}/report.html)")
+                 f"headline figures: {out}/figures/; log: {out}/campaign.log")
+    campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
     for point in campaign.plan.capped():
         campaign.say(f"  reached max_repeats: {point.model_type}/{point.activation} {point.noise_type} p={point.p:g}")
     if ending == "interrupted":

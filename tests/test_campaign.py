@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import nnet_models as nm
+import plots
 import results_store as rs
 import run_experiments as rx
 from conftest import (PER_RUN_LINE, check_summary_against_per_run, per_run_lines, run_files, run_main, same, snapshot,
@@ -733,7 +734,8 @@ def test_smoke_campaign_end_to_end(smoke):
     assert meta["host"] == platform.node() and meta["cpu_count"] == os.cpu_count()
 
     figures = sorted((out / "figures").glob("*.png"))
-    assert figures and all(f.stat().st_size > 0 for f in figures)
+    assert [f.name for f in figures] == sorted(plots.FIGURE_FILES[name] for name in plots.HEADLINE_FIGURES)
+    assert all(f.stat().st_size > 0 for f in figures)
     assert "Could not draw the figures" not in smoke["stderr"]
 
 
@@ -752,8 +754,8 @@ def test_smoke_campaign_says_where_everything_is(smoke):
     assert [Path(p) for p in named] == [out / rs.PER_RUN_CSV, out / rs.SUMMARY_CSV, out / rs.HISTORY_CSV,
                                         out / "figures", out / "campaign.log"]
     assert all(Path(p).exists() for p in named)
-    report = next(line for line in lines if line.startswith("Report: "))
-    assert report == f"Report: python plots.py {out} --report  (writes {out}/report.html)"
+    report = next(line for line in lines if line.startswith("Every figure and the report: "))
+    assert report == f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)"
     assert f"python plots.py {out}" in report
     assert (ROOT / "analysis.ipynb").is_file() and (ROOT / "plots.py").is_file()
 
@@ -865,7 +867,7 @@ def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_d
     argv = tiny_argv(tmp_path, mnist_dir, "--cpu_threads_per_worker", "2", "--max_workers", "1", "--repeats", "1")
     code = (
         "import sys, torch, plots, run_experiments as rx\n"
-        "plots.write_figures = lambda *args: []  # (figures: not the point, and seconds)\n"
+        "plots.write_figures = lambda *args, **kwargs: []  # (figures: not the point, and seconds)\n"
         "torch.set_num_threads(2)\n"
         "torch.ones(4_000_000).mul(2.0).sum()  # starts this process's OpenMP threads\n"
         f"sys.exit(rx.main({argv!r}))\n"

@@ -145,7 +145,7 @@ def reference(mnist, mnist_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reference") / "results"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plots, "write_figures", lambda *args: [])
+        patch.setattr(plots, "write_figures", lambda *args, **kwargs: [])
         code, stdout, stderr = run_main(crash_argv(out, mnist_dir))
     assert code == 0, stdout + stderr
     records = load_quietly(out)

@@ -174,24 +174,28 @@ def test_csv_value_of_config_values():
 # ================================================================ statistics
 
 
-def test_describe_by_hand():
-    got = rs.describe(pd.Series([0.2, 0.4, 0.9]))
+def statistics_of(values) -> dict:
+    """summarize's statistics of one group of `values`."""
+    row = rs.summarize(pd.DataFrame({"g": 0, "m": values}), ["g"], ["m"]).iloc[0]
+    return {s: row[f"m_{s}"] for s in rs.STATISTICS}
+
+
+def test_statistics_by_hand():
     std = math.sqrt(((0.2 - 0.5) ** 2 + (0.4 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2)  # ddof = 1
     half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
-    assert got == pytest.approx({"mean": 0.5, "std": std, "stderr": std / math.sqrt(3),
-                                 "ci95_low": 0.5 - half, "ci95_high": 0.5 + half})
+    assert statistics_of([0.2, 0.4, 0.9]) == pytest.approx({"mean": 0.5, "std": std, "stderr": std / math.sqrt(3),
+                                                            "ci95_low": 0.5 - half, "ci95_high": 0.5 + half})
 
 
-def test_describe_of_one_value_a_constant_and_missing_values():
-    single = rs.describe(pd.Series([0.7]))
+def test_statistics_of_one_value_a_constant_and_missing_values():
+    single = statistics_of([0.7])
     assert single["mean"] == 0.7
     assert all(math.isnan(single[k]) for k in ("std", "stderr", "ci95_low", "ci95_high"))
-    constant = rs.describe(pd.Series([0.3, 0.3, 0.3]))
+    constant = statistics_of([0.3, 0.3, 0.3])
     assert constant == pytest.approx({"mean": 0.3, "std": 0.0, "stderr": 0.0, "ci95_low": 0.3, "ci95_high": 0.3})
-    with_missing = rs.describe(pd.Series([0.2, math.nan, 0.4, math.nan, 0.9]))
-    assert with_missing == pytest.approx(rs.describe(pd.Series([0.2, 0.4, 0.9])))  # NaN is not a value
-    nothing = rs.describe(pd.Series([math.nan, math.nan]))
-    assert all(math.isnan(v) for v in nothing.values())
+    with_missing = statistics_of([0.2, math.nan, 0.4, math.nan, 0.9])
+    assert with_missing == pytest.approx(statistics_of([0.2, 0.4, 0.9]))  # NaN is not a value
+    assert all(math.isnan(v) for v in statistics_of([math.nan, math.nan]).values())
 
 
 def test_summarize_groups_and_names_its_columns():
