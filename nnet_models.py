@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import math
 import random
 import time
 from collections import defaultdict
@@ -334,20 +335,17 @@ def count_parameters(model: nn.Module) -> int:
 
 class Optimizer:
     """Adam (fused kernel) or SGD with momentum 0.9: torch.optim's update kernels, called without the slower
-    torch.optim.Optimizer class around them (docs/performance.md); `state[p]` uses torch.optim's buffer names."""
+    torch.optim.Optimizer class around them (docs/performance.md)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         if cfg.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         self.cfg, self.params = cfg, list(model.parameters())
         if cfg.optimizer == "adam":
-            self.state = {p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
-                              "step": torch.zeros((), device=p.device)} for p in self.params}
+            self.exp_avgs, self.exp_avg_sqs = ([torch.zeros_like(p) for p in self.params] for _ in range(2))
+            self.steps = [torch.zeros((), device=p.device) for p in self.params]
         else:
-            self.state = {p: {"momentum_buffer": None} for p in self.params}
-
-    def buffers(self, name: str) -> list:
-        return [self.state[p][name] for p in self.params]
+            self.momentum_buffers = [None] * len(self.params)  # sgd creates them at the first step
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -357,15 +355,12 @@ class Optimizer:
     def step(self) -> None:
         grads, cfg = [p.grad for p in self.params], self.cfg
         if cfg.optimizer == "adam":
-            adam(self.params, grads, self.buffers("exp_avg"), self.buffers("exp_avg_sq"), [], self.buffers("step"),
-                 fused=True, amsgrad=False, beta1=0.9, beta2=0.999, lr=cfg.learning_rate,
-                 weight_decay=cfg.weight_decay, eps=1e-8, maximize=False)
-            return
-        momentum = self.buffers("momentum_buffer")
-        sgd(self.params, grads, momentum, weight_decay=cfg.weight_decay, momentum=0.9, lr=cfg.learning_rate,
-            dampening=0.0, nesterov=False, maximize=False)
-        for p, buffer in zip(self.params, momentum):  # the first step creates them
-            self.state[p]["momentum_buffer"] = buffer
+            adam(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, fused=True, amsgrad=False,
+                 beta1=0.9, beta2=0.999, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-8,
+                 maximize=False)
+        else:
+            sgd(self.params, grads, self.momentum_buffers, weight_decay=cfg.weight_decay, momentum=0.9,
+                lr=cfg.learning_rate, dampening=0.0, nesterov=False, maximize=False)
 
 
 class BatchSource:
@@ -447,20 +442,19 @@ def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, o
     order = torch.randperm(n, generator=order_generator, device=labels.device)
     if indices is not None:
         order = indices[order]
-    total_loss = torch.zeros((), device=labels.device)
-    autocast = training_precision(precision, labels.device)
+    total_loss, autocast = 0.0, training_precision(precision, labels.device)
     for start in range(0, n, batch_size):
         batch = order[start : start + batch_size]
         with autocast:
             logits = model(source.batch(batch))
         loss = loss_fn(logits.float(), labels[batch])
-        if not torch.isfinite(loss):
-            raise DivergedError(start // batch_size + 1, loss.item())
+        if not math.isfinite(batch_loss := loss.item()):
+            raise DivergedError(start // batch_size + 1, batch_loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach() * len(batch)
-    return total_loss.item() / n
+        total_loss += batch_loss * len(batch)
+    return total_loss / n
 
 
 def predict(model: nn.Module, source: BatchSource, indices: torch.Tensor) -> torch.Tensor:

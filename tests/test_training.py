@@ -335,7 +335,7 @@ def test_training_passes_compute_in_the_precision_and_keep_float32_state(precisi
                               torch.Generator().manual_seed(0), precision=precision)
     assert seen == [compute_dtype] * 4  # one forward pass per batch of 16
     assert math.isfinite(loss)
-    moments = [optimizer.state[p][key] for p in model.parameters() for key in ("exp_avg", "exp_avg_sq")]
+    moments = [*optimizer.exp_avgs, *optimizer.exp_avg_sqs]
     assert len(moments) == 2 * len(list(model.parameters()))
     state = [*model.parameters(), *(p.grad for p in model.parameters()), *moments]
     assert {t.dtype for t in state} == {torch.float32}
