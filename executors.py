@@ -4,6 +4,7 @@ Both executors yield `(item, outcome)` in completion order; `outcome` is `fn(ite
 exception it raised, or `WorkerDied` when the item killed its worker process every time it ran."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -119,11 +120,9 @@ def _exit_when_gone(pid: int) -> None:
     import psutil
 
     def watch() -> None:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 time.sleep(1)
-        except psutil.NoSuchProcess:
-            pass
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -172,7 +171,7 @@ def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...]
     """Run fn over items on the Dask cluster at `address`; workers need only the Python environment, as the files
     in `upload` (the modules fn needs) are sent to them. Dask reschedules a dead worker's item; one that kills
     workers too often gets `WorkerDied`. An unreachable or lost scheduler raises SchedulerUnavailableError."""
-    from distributed import Client
+    from distributed import Client, KilledWorker
     from distributed import as_completed as dask_completed
 
     client = _connect(Client, address, connect_timeout)
@@ -191,8 +190,17 @@ def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...]
             future = _next_finished(outcomes, client, address, stall_warning)
             if future is None:
                 return
-            yield pending[future], _dask_outcome(future, client, address, len(pending))
-            del pending[future]
+            try:
+                outcome = future.result()
+            except KilledWorker as exc:
+                outcome = WorkerDied(exc.allowed_failures + 1)
+            except Exception as exc:
+                if isinstance(exc, CancelledError) or client.status != "running":
+                    raise SchedulerUnavailableError(f"lost the Dask scheduler at {address!r} "
+                                                    f"({str(exc).splitlines()[0]}); {len(pending)} items did not "
+                                                    "finish") from exc
+                outcome = exc
+            yield pending.pop(future), outcome
     finally:
         if pending and client.status == "running":
             client.cancel(list(pending))
@@ -234,20 +242,6 @@ def _connect(client_class, address: str, timeout: float):
     reason = attempt.get("error", f"no answer to Dask's handshake within {timeout + 5:g} s: is it a Dask scheduler?")
     raise SchedulerUnavailableError(f"no Dask scheduler answered at {address!r} within {timeout:g} s; start one "
                                     f"with `dask scheduler` and check the host and the port ({reason})")
-
-
-def _dask_outcome(future, client, address: str, unfinished: int):
-    from distributed import KilledWorker
-
-    try:
-        return future.result()
-    except KilledWorker as exc:
-        return WorkerDied(exc.allowed_failures + 1)
-    except Exception as exc:
-        if isinstance(exc, CancelledError) or client.status != "running":
-            raise SchedulerUnavailableError(f"lost the Dask scheduler at {address!r} ({str(exc).splitlines()[0]}); "
-                                            f"{unfinished} items did not finish") from exc
-        return exc
 
 
 def _close_quietly(client) -> None:

@@ -1,7 +1,6 @@
 """What a trained model is measured by: classification metrics, calibration, memorisation.
 
-Pure functions of logits, probabilities and labels, so that tests check them by hand.
-"""
+Pure functions of logits, probabilities and labels, so that tests check them by hand."""
 from __future__ import annotations
 
 import math
@@ -23,8 +22,7 @@ def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
         positive = labels == k
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos and n_neg:
-            rank_sum = ranks[positive, k].sum()
-            aucs.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+            aucs.append((ranks[positive, k].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     return float(np.mean(aucs))
 
 
@@ -32,14 +30,12 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_
     """Reliability-diagram data: per equal-width confidence bin, the count, mean confidence
     (max softmax) and accuracy (NaN for an empty bin)."""
     confidence, predictions = probs.max(1)
-    correct = (predictions == labels).double()
     which = (confidence.double() * bins).long().clamp_(max=bins - 1)
     counts = torch.bincount(which, minlength=bins).double()
-
-    def bin_mean(values: torch.Tensor) -> list[float]:
-        return (torch.bincount(which, weights=values, minlength=bins) / counts).tolist()
-
-    return {"count": counts.tolist(), "confidence": bin_mean(confidence.double()), "accuracy": bin_mean(correct)}
+    confidence_sums = torch.bincount(which, weights=confidence.double(), minlength=bins)
+    correct_sums = torch.bincount(which, weights=(predictions == labels).double(), minlength=bins)
+    return {"count": counts.tolist(), "confidence": (confidence_sums / counts).tolist(),
+            "accuracy": (correct_sums / counts).tolist()}
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -72,19 +68,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 def memorisation_metrics(predictions: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
-    """How far the model follows the noisy labels of training examples.
-
-    On the corrupted examples (noisy label != true label): the fraction predicted as their
-    noisy label and as their true label; on the others, plain training accuracy. NaN where a
-    subset is empty.
-    """
+    """How far the model follows the noisy labels of training examples. On the corrupted ones (noisy label != true
+    label): the fraction predicted as their noisy label and as their true label; on the others, plain training
+    accuracy. NaN where a subset is empty."""
     corrupted = noisy != clean
-
-    def fraction(hits: torch.Tensor) -> float:
-        return hits.double().mean().item() if len(hits) else math.nan
-
-    return {
-        "memorised_fraction": fraction(predictions[corrupted] == noisy[corrupted]),
-        "corrupted_true_fraction": fraction(predictions[corrupted] == clean[corrupted]),
-        "clean_train_accuracy": fraction(predictions[~corrupted] == clean[~corrupted]),
+    hits = {
+        "memorised_fraction": predictions[corrupted] == noisy[corrupted],
+        "corrupted_true_fraction": predictions[corrupted] == clean[corrupted],
+        "clean_train_accuracy": predictions[~corrupted] == clean[~corrupted],
     }
+    return {name: hit.double().mean().item() if len(hit) else math.nan for name, hit in hits.items()}

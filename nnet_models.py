@@ -168,15 +168,17 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def check_split(names: dict[str, Path], images: np.ndarray, labels: np.ndarray, split: str) -> None:
-    """Images N x 28 x 28, as many labels as images, every label a class."""
+def split_tensors(paths: dict[str, Path], arrays: dict[str, np.ndarray], split: str) -> list[torch.Tensor]:
+    """The split as tensors, once checked: images N x 28 x 28, as many labels as images, every label a class."""
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataFileError(f"{names[f'{split}_images']} holds shape {images.shape}, not N x 28 x 28 images")
+        raise DataFileError(f"{paths[f'{split}_images']} holds shape {images.shape}, not N x 28 x 28 images")
     if labels.shape != (len(images),):
-        raise DataFileError(f"{names[f'{split}_labels']} holds shape {labels.shape}, "
+        raise DataFileError(f"{paths[f'{split}_labels']} holds shape {labels.shape}, "
                             f"not one label for each of the {len(images)} images")
     if labels.max(initial=0) >= NUM_CLASSES:
-        raise DataFileError(f"{names[f'{split}_labels']} has label {labels.max()}; labels must be 0-{NUM_CLASSES - 1}")
+        raise DataFileError(f"{paths[f'{split}_labels']} has label {labels.max()}; labels must be 0-{NUM_CLASSES - 1}")
+    return [torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))]
 
 
 def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Dataset:
@@ -186,13 +188,7 @@ def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> D
         raw_dir = ensure_dataset(dataset, data_dir, download)
         paths = {name: _find_idx_file(raw_dir, f) for name, f in IDX_FILES.items()}
         arrays = {name: read_idx(path) for name, path in paths.items()}
-        tensors = {}
-        for split in ("train", "test"):
-            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-            check_split(paths, images, labels, split)
-            tensors[f"{split}_images"] = torch.from_numpy(images.copy()).unsqueeze(1)
-            tensors[f"{split}_labels"] = torch.from_numpy(labels.astype(np.int64))
-        _DATASET_CACHE[key] = Dataset(**tensors)
+        _DATASET_CACHE[key] = Dataset(*split_tensors(paths, arrays, "train"), *split_tensors(paths, arrays, "test"))
     return _DATASET_CACHE[key]
 
 
@@ -393,13 +389,12 @@ def forward_correction_problem(cfg: TrainConfig) -> str | None:
     """Why forward correction cannot recover this run's clean posterior, or None. With T singular (label_flip at
     p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly conditioned, the noisy labels do not
     identify the clean ones: the run is not trained at all rather than reported as a meaningless model."""
-    if cfg.loss_correction != "forward":
-        return None
-    condition = torch.linalg.cond(transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).item()
-    if condition <= MAX_CONDITION:
-        return None
-    return (f"T of {cfg.noise_type} at p={cfg.p:g} has condition number {condition:.3g} (above {MAX_CONDITION:g}): "
-            "the clean labels are not identifiable, so forward correction is not run")
+    if cfg.loss_correction == "forward":
+        condition = torch.linalg.cond(transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).item()
+        if condition > MAX_CONDITION:
+            return (f"T of {cfg.noise_type} at p={cfg.p:g} has condition number {condition:.3g} (above "
+                    f"{MAX_CONDITION:g}): the clean labels are not identifiable, so forward correction is not run")
+    return None
 
 
 def training_loss(cfg: TrainConfig, device: torch.device):
@@ -430,7 +425,8 @@ class DivergedError(ArithmeticError):
         self.step, self.loss, self.epoch = step, loss, epoch
 
     def __str__(self) -> str:
-        return f"training loss became {self.loss} at step {self.step}" + (f" of epoch {self.epoch}" if self.epoch else "")
+        of_epoch = f" of epoch {self.epoch}" if self.epoch else ""
+        return f"training loss became {self.loss} at step {self.step}{of_epoch}"
 
 
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
@@ -479,8 +475,7 @@ def fits_tiny_subset(cfg: TrainConfig, data: Dataset, n: int = 100, steps: int =
             loss = train_one_epoch(model, optimizer, source, labels, n, order)
     except DivergedError as exc:
         return 0.0, exc.loss
-    with torch.inference_mode():
-        accuracy = (predict(model, source, torch.arange(n)).argmax(1) == labels).double().mean().item()
+    accuracy = (predict(model, source, torch.arange(n)).argmax(1) == labels).double().mean().item()
     return accuracy, loss
 
 

@@ -448,8 +448,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None, names=tuple(FIGURES)) -> list[Path]:
-    """Draw the figures `names` (default: all) that have data in `output_dir`'s CSVs into `figures_dir` (default:
-    output_dir/figures)."""
+    """Draw the figures `names` with data in `output_dir`'s CSVs into `figures_dir` (default: output_dir/figures)."""
     results = rs.read_results(output_dir)
     figures_dir = Path(output_dir) / "figures" if figures_dir is None else Path(figures_dir)
     figures = ((FIGURES[name][0], FIGURES[name][1](results)) for name in names)

@@ -24,11 +24,10 @@ HISTORY_CSV = "results_history.csv"
 RELIABILITY_CSV = "results_reliability.csv"
 CAMPAIGN_JSON = "campaign.json"
 
-# Config fields that do not change a run's result: the seed is what repeats vary.
-NON_GROUP_FIELDS = ("seed", "cpu_threads", "data_dir")
 CONFIG_FIELDS = [field.name for field in dataclasses.fields(nm.TrainConfig)]
-# Runs that differ in any of these are different experiments and are never pooled.
-GROUP_FIELDS = [name for name in CONFIG_FIELDS if name not in NON_GROUP_FIELDS]
+# Runs that differ in any of these are different experiments and are never pooled. The other config fields do not
+# change a run's result: the seed is what repeats vary.
+GROUP_FIELDS = [name for name in CONFIG_FIELDS if name not in ("seed", "cpu_threads", "data_dir")]
 RUN_FIELDS = ["run_id", "repeat", "status", "error", "diverged_epoch", "diverged_step", "attempts", "finished_at"]
 # What identifies a run in the long tables (history, reliability).
 RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss_correction"]
@@ -125,8 +124,7 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
     statistics = {"mean": mean, "std": std, "stderr": stderr, "ci95_low": mean - half_width,
                   "ci95_high": mean + half_width}
     columns = {"n": groups.size(), **{f"{m}_{s}": statistics[s][m] for m in metrics for s in STATISTICS}}
-    table = pd.DataFrame(columns)
-    return pd.concat([table.index.to_frame(index=False), table.reset_index(drop=True)], axis=1)
+    return pd.DataFrame(columns).reset_index()
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
@@ -153,7 +151,11 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
     ok = per_run[per_run["status"] == "ok"]
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
     summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
-    return clipped_to_unit_interval(summary)
+    # A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clipped to [0, 1].
+    for metric in set(nm.METRICS) - nm.UNBOUNDED_METRICS:
+        summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
+        summary[f"{metric}_ci95_high"] = summary[f"{metric}_ci95_high"].clip(upper=1.0)
+    return summary
 
 
 def forward_correction_effects(runs: pd.DataFrame) -> pd.DataFrame:
@@ -165,14 +167,6 @@ def forward_correction_effects(runs: pd.DataFrame) -> pd.DataFrame:
                                                       suffixes=("_none", "_forward"))
     effects = {f"forward_minus_none_{m}": pairs[f"{m}_forward"] - pairs[f"{m}_none"] for m in DELTA_METRICS}
     return summarize(pairs[twins].assign(**effects), twins, list(effects))
-
-
-def clipped_to_unit_interval(summary: pd.DataFrame) -> pd.DataFrame:
-    """A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clip it to [0, 1]."""
-    for metric in set(nm.METRICS) - nm.UNBOUNDED_METRICS:
-        summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
-        summary[f"{metric}_ci95_high"] = summary[f"{metric}_ci95_high"].clip(upper=1.0)
-    return summary
 
 
 @dataclasses.dataclass(frozen=True)

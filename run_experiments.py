@@ -89,7 +89,7 @@ class RunSpec:
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid (args[0]: every problem, one line each); nothing was run or written."""
+    """Invalid config, or output_dir in use (args[0]: every problem, one line each); nothing was run or written."""
 
 
 # ---------------------------------------------------------------- command line
@@ -141,10 +141,6 @@ def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 # ---------------------------------------------------------------- validation
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -153,16 +149,16 @@ CHOICES = {"datasets": nm.DATASETS, "activations": nm.ACTIVATIONS, "model_types"
            "noise_types": nm.NOISE_TYPES, "loss_corrections": nm.LOSS_CORRECTIONS}
 SCALAR_CHOICES = {"optimizer": nm.OPTIMIZERS, "precision": nm.PRECISIONS, "executor": ("local", "dask")}
 RULES = {  # name: (check, what is allowed)
-    **{name: (lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    **{name: (lambda v: type(v) is int and v >= 1, "an integer >= 1")
        for name in ("repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts", "max_repeats")},
     "target_ci95": (lambda v: v is None or is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
-    "max_workers": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
-    "max_train_samples": (lambda v: v is None or is_int(v) and v >= 1, "an integer >= 1 or None"),
-    "seed": (is_int, "an integer"),
+    "max_workers": (lambda v: v is None or type(v) is int and v >= 1, "an integer >= 1 or None"),
+    "max_train_samples": (lambda v: v is None or type(v) is int and v >= 1, "an integer >= 1 or None"),
+    "seed": (lambda v: type(v) is int, "an integer"),
     "learning_rate": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "validation_fraction": (lambda v: is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
-    "hidden_sizes": (lambda v: isinstance(v, list) and all(is_int(h) and h >= 1 for h in v),
+    "hidden_sizes": (lambda v: isinstance(v, list) and all(type(h) is int and h >= 1 for h in v),
                      "a list of integers >= 1"),
     **{name: (lambda v: isinstance(v, bool), "true or false")
        for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
@@ -187,8 +183,8 @@ def config_errors(config: dict) -> list[str]:
                if not (isinstance(config[name], str) and config[name].strip())]
     if not config["ps"]:
         errors.append("ps is empty; give at least one noise level in [0, 1]")
-    for name in ("ps", "extra_label_ps"):
-        errors += [f"{name}: {p!r} is not a number in [0, 1]" for p in config[name] if not (is_number(p) and 0 <= p <= 1)]
+    errors += [f"{name}: {p!r} is not a number in [0, 1]" for name in ("ps", "extra_label_ps")
+               for p in config[name] if not (is_number(p) and 0 <= p <= 1)]
     if errors:  # the checks below build on valid values
         return errors
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
@@ -208,18 +204,17 @@ def config_errors(config: dict) -> list[str]:
 
 def placement_errors(config: dict) -> list[str]:
     """Where the runs can go: a Dask scheduler to talk to, one process for the GPU, enough cores."""
+    slots = resolved_workers(config) * config["cpu_threads_per_worker"]
     if config["executor"] == "dask":
         if not re.fullmatch(r"(tcp|tls)://[\w.\-\[\]:]+:\d+", str(config["dask_scheduler"])):
-            return [f"dask_scheduler: {config['dask_scheduler']!r} is not a scheduler address like tcp://HOST:8786 "
-                    "or tls://HOST:8786"]
-        return []
-    slots = resolved_workers(config) * config["cpu_threads_per_worker"]
-    if slots > 2 * executors.usable_cpus() and not config["allow_oversubscription"]:
-        return [f"max_workers x cpu_threads_per_worker = {slots} threads on {executors.usable_cpus()} CPUs; lower "
-                "them, or set allow_oversubscription = True to run that many anyway"]
-    if config["use_cuda"] is True and config["max_workers"] != 1:
+            return [f"dask_scheduler: {config['dask_scheduler']!r} is not a scheduler address like "
+                    "tcp://HOST:8786 or tls://HOST:8786"]
+    elif slots > 2 * executors.usable_cpus() and not config["allow_oversubscription"]:
+        return [f"max_workers x cpu_threads_per_worker = {slots} threads on {executors.usable_cpus()} CPUs; "
+                "lower them, or set allow_oversubscription = True to run that many anyway"]
+    elif config["use_cuda"] and config["max_workers"] != 1:
         return [f"use_cuda=True needs max_workers=1 (got {config['max_workers']!r}): one process owns the GPU"]
-    if config["use_cuda"] is True and not nm.torch.cuda.is_available():
+    elif config["use_cuda"] and not nm.torch.cuda.is_available():
         return ["use_cuda=True but torch sees no CUDA device; set use_cuda=False"]
     return []
 
@@ -238,28 +233,22 @@ def validate(config: dict) -> None:
         elif not os.access(existing, os.W_OK | os.X_OK):
             errors.append(f"output_dir: {config['output_dir']!r} is not writable "
                           f"(no write permission on {existing})")
-        local_datasets = config["datasets"] if config["executor"] == "local" else []  # else the workers' data
-        errors += [error for dataset in dict.fromkeys(local_datasets) for error in data_errors(dataset, config)]
+        # the data files decode and hold enough examples (decoded once: the forked workers share this copy)
+        for dataset in config["datasets"] if config["executor"] == "local" else []:  # else the workers' data
+            try:
+                n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
+            except (nm.DataNotFoundError, nm.DataFileError) as exc:
+                errors.append(f"data_dir: {exc}")
+                continue
+            if (config["max_train_samples"] or 0) > n_train:
+                errors.append(f"max_train_samples: {config['max_train_samples']} is more than the {n_train} "
+                              f"training examples of {dataset}; give at most {n_train}, or None for all")
     if errors:
         raise ConfigError(errors)
 
 
-def data_errors(dataset: str, config: dict) -> list[str]:
-    """The data files decode and hold enough examples (decoded once: the forked workers share this copy)."""
-    try:
-        n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
-    except (nm.DataNotFoundError, nm.DataFileError) as exc:
-        return [f"data_dir: {exc}"]
-    if (config["max_train_samples"] or 0) > n_train:
-        return [f"max_train_samples: {config['max_train_samples']} is more than the {n_train} training "
-                f"examples of {dataset}; give at most {n_train}, or None for all"]
-    return []
-
-
-def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...] | None:
+def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...]:
     """The config's noise_matrix (nested list, JSON text or a JSON file's path) as checked tuples."""
-    if value is None:
-        return None
     if isinstance(value, str):
         if value.lstrip().startswith("["):
             value = json.loads(value)
@@ -322,30 +311,6 @@ def spec_for(point: nm.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
     return RunSpec(run_key(cfg), repeat, cfg)
 
 
-class RepeatPlan:
-    """Repeats per grid point: the config's `repeats`, or as many as a precision target's first stage asks for."""
-
-    def __init__(self, config: dict, specs: list[RunSpec]):
-        self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
-                       if config["target_ci95"] is not None else None)
-        self.seed = config["seed"]
-        self.planned = {dataclasses.replace(spec.config, seed=0): config["repeats"] for spec in specs}
-
-    def extend(self, point: nm.TrainConfig, records: dict[str, dict]) -> list[RunSpec]:
-        """The runs `point` needs beyond those planned, once its first stage is done."""
-        if self.target is None:
-            return []
-        first = [records.get(spec_for(point, r, self.seed).run_id) for r in range(self.target.first_stage)]
-        if None in first:
-            return []
-        n = self.target.repeats([record["test_accuracy"] for record in first if record["status"] == "ok"])
-        planned, self.planned[point] = self.planned[point], max(self.planned[point], n)
-        return [spec_for(point, r, self.seed) for r in range(planned, n)]
-
-    def capped(self) -> list[nm.TrainConfig]:
-        return [point for point, n in self.planned.items() if self.target and n >= self.target.max_repeats]
-
-
 def resolved_workers(config: dict) -> int:
     return config["max_workers"] or max(1, executors.usable_cpus() // config["cpu_threads_per_worker"])
 
@@ -395,14 +360,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def runs_to_do(specs: list[RunSpec], records: dict[str, dict], config: dict) -> list[RunSpec]:
-    """Runs never finished, plus failed ones while retry_failed and tries are left."""
-    def retry(record: dict) -> bool:
-        return (record["status"] == "failed" and config["retry_failed"]
-                and record.get("attempts", 1) < config["max_attempts"])
-    return [spec for spec in specs if spec.run_id not in records or retry(records[spec.run_id])]
-
-
 def move_aside(output_dir: Path) -> Path | None:
     """For --fresh: rename an existing output_dir to a timestamped sibling (never delete)."""
     if not output_dir.exists() or not any(output_dir.iterdir()):
@@ -423,10 +380,6 @@ def describe_run(record: dict) -> str:
     return f"[ok] {head}: acc={record['test_accuracy']:.4f} loss={record['test_loss']:.4f} ({record['seconds']:.1f}s)"
 
 
-class CampaignLockedError(RuntimeError):
-    """Another campaign is running in the same output directory."""
-
-
 def lock_output_dir(output_dir: Path):
     """Lock OUTPUT_DIR/campaign.lock, naming the holder; the kernel drops it when the holder dies (never stale)."""
     import fcntl
@@ -437,8 +390,8 @@ def lock_output_dir(output_dir: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise CampaignLockedError(f"another campaign ({holder}) is running in {output_dir}/; wait for it to "
-                                  "finish or stop it, or give this one another output_dir") from None
+        raise ConfigError([f"another campaign ({holder}) is running in {output_dir}/; wait for it to finish or "
+                           "stop it, or give this one another output_dir"]) from None
     handle.truncate(0)
     handle.write(f"PID {os.getpid()} on {platform.node()}")
     handle.flush()
@@ -446,7 +399,7 @@ def lock_output_dir(output_dir: Path):
 
 
 class Campaign:
-    """One campaign's bookkeeping: the run store, campaign.json, the CSVs, the log and progress."""
+    """One campaign's runs and bookkeeping: the run store, campaign.json, the CSVs, the log and progress."""
 
     def __init__(self, config: dict, specs: list[RunSpec]):
         self.config, self.specs = config, list(specs)
@@ -455,9 +408,12 @@ class Campaign:
         self.lock = lock_output_dir(self.output_dir)
         self.store = rs.RunStore(self.output_dir)
         self.records = self.store.load()
-        self.plan = RepeatPlan(config, specs)
-        for point in list(self.plan.planned):  # a resumed campaign continues to its target
-            self.specs += self.plan.extend(point, self.records)
+        self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
+                       if config["target_ci95"] is not None else None)
+        # repeats per grid point: the config's `repeats`, or as many as a precision target's first stage asks for
+        self.planned = {dataclasses.replace(spec.config, seed=0): config["repeats"] for spec in specs}
+        for point in list(self.planned):  # a resumed campaign continues to its target
+            self.more_repeats(point)
         versions = {"python": platform.python_version(), "torch": nm.torch.__version__, "numpy": nm.np.__version__}
         self.metadata = {"config": config, "grid_size": len(self.specs), "versions": versions,
                          "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
@@ -466,12 +422,19 @@ class Campaign:
         self.csvs_written_at = -math.inf  # the first finished run is in the CSVs at once
         self.done, self.bar = 0, None
 
-    def start_progress(self, total: int) -> None:
-        """A progress bar on a terminal; redirected output gets plain lines with an ETA only."""
-        from tqdm import tqdm
-
-        self.started = time.monotonic()
-        self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not total)
+    def more_repeats(self, point: nm.TrainConfig) -> list[RunSpec]:
+        """The runs `point` (seed 0) needs beyond those planned once its first stage is done, added to the specs."""
+        if self.target is None:
+            return []
+        seed = self.config["seed"]
+        first = [self.records.get(spec_for(point, r, seed).run_id) for r in range(self.target.first_stage)]
+        if None in first:
+            return []
+        n = self.target.repeats([record["test_accuracy"] for record in first if record["status"] == "ok"])
+        more = [spec_for(point, r, seed) for r in range(self.planned[point], n)]
+        self.planned[point] = max(self.planned[point], n)
+        self.specs += more
+        return more
 
     def say(self, message: str, error: bool = False) -> None:
         """Print a line, and append it with a timestamp to OUTPUT_DIR/campaign.log."""
@@ -496,29 +459,53 @@ class Campaign:
         self.records[record["run_id"]] = record
         self.write_metadata()
         if time.monotonic() - self.csvs_written_at > CSV_REFRESH_SECONDS:  # the notebook can follow along
-            rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
+            rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
             self.csvs_written_at = time.monotonic()
         self.done += 1
         remaining = (time.monotonic() - self.started) / self.done * (self.bar.total - self.done)
         self.say(f"[{self.done}/{self.bar.total}, ETA {duration(remaining)}] {describe_run(record)}")
         self.bar.update()
 
+    def run(self, todo: list[RunSpec]) -> str:
+        """Run and store `todo`: "finished", "interrupted" (Ctrl-C, SIGTERM) or "stopped" (scheduler lost)."""
+        from tqdm import tqdm
+        self.started = time.monotonic()
+        # a progress bar on a terminal; redirected output gets plain lines with an ETA only
+        self.bar = tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not todo)
+        previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+        queue = deque(todo)
+        try:
+            for spec, outcome in execute(queue, self.config):
+                if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
+                    outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
+                elif isinstance(outcome, BaseException):
+                    outcome = run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
+                self.add(outcome)
+                more = self.more_repeats(dataclasses.replace(spec.config, seed=0))
+                queue.extend(more)  # run by the same workers, no pause between rounds
+                self.bar.total += len(more)
+        except KeyboardInterrupt:
+            return "interrupted"
+        except executors.SchedulerUnavailableError as exc:
+            self.say(f"error: {exc}", error=True)
+            return "stopped"
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            self.bar.close()
+        return "finished"
+
     def write_outputs(self, finished: bool) -> None:
         """The CSVs and headline figures, from the stored records (a signal may land between a save and its
         bookkeeping); every figure would cost seconds at the end of every campaign (docs/performance.md)."""
         self.records = self.store.load()
         self.metadata["finished_at"] = now() if finished else None
-        rs.write_csvs(list(self.records.values()), self.output_dir, self.plan.target)
+        rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
         self.write_metadata()
         try:
             import plots
             plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
         except Exception as exc:  # figures are a convenience; the CSVs are the result
             self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
-
-    def close(self) -> None:
-        self.log_file.close()
-        self.lock.close()
 
 
 def not_identifiable_note(specs: list[RunSpec]) -> str:
@@ -539,16 +526,16 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
     if fresh and (moved := move_aside(Path(config["output_dir"]))):
         print(f"Moved the previous results to {moved}")
     try:
-        campaign = Campaign(config, specs)
-    except CampaignLockedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        campaign = Campaign(config, specs)  # a ConfigError if another campaign runs there
     except OSError as exc:
         print(storage_error(exc), file=sys.stderr)
         return 1
     specs = campaign.specs  # with the repeats a precision target has already asked for
     try:
-        todo = runs_to_do(specs, campaign.records, config)
+        # to do: runs never finished, plus failed ones while retry_failed and tries are left
+        retry = {run_id for run_id, record in campaign.records.items() if record["status"] == "failed"
+                 and config["retry_failed"] and record.get("attempts", 1) < config["max_attempts"]}
+        todo = [spec for spec in specs if spec.run_id not in campaign.records or spec.run_id in retry]
         campaign.write_metadata()
         if note := not_identifiable_note(specs):
             campaign.say(note)
@@ -559,41 +546,15 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         not_rerun = f"{given_up} not to rerun (failed for good, diverged or not identifiable), "
         campaign.say(f"{len(specs)} runs in the grid, {done} already done, " + (not_rerun if given_up else "")
                      + f"{len(todo)} to run on {where}. Results: {campaign.output_dir}/")
-        ending = run_all(campaign, todo)
+        ending = campaign.run(todo)
         campaign.write_outputs(finished=ending == "finished")
         return report_outcome(campaign, ending)
     except OSError as exc:  # disk full, read-only, runs/ gone: stop, keeping what is stored
         campaign.say(storage_error(exc), error=True)
         return 1
     finally:
-        campaign.close()
-
-
-def run_all(campaign: Campaign, todo: list[RunSpec]) -> str:
-    """Run and store `todo`: "finished", "interrupted" (Ctrl-C, SIGTERM) or "stopped" (scheduler lost)."""
-    campaign.start_progress(len(todo))
-    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
-    queue = deque(todo)
-    try:
-        for spec, outcome in execute(queue, campaign.config):
-            if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
-                outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
-            elif isinstance(outcome, BaseException):
-                outcome = run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
-            campaign.add(outcome)
-            more = campaign.plan.extend(dataclasses.replace(spec.config, seed=0), campaign.records)
-            queue.extend(more)  # run by the same workers, no pause between rounds
-            campaign.specs += more
-            campaign.bar.total += len(more)
-    except KeyboardInterrupt:
-        return "interrupted"
-    except executors.SchedulerUnavailableError as exc:
-        campaign.say(f"error: {exc}", error=True)
-        return "stopped"
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        campaign.bar.close()
-    return "finished"
+        campaign.log_file.close()
+        campaign.lock.close()
 
 
 def storage_error(exc: OSError) -> str:
@@ -616,7 +577,8 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
                  f"headline figures: {out}/figures/; log: {out}/campaign.log")
     campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
-    for point in campaign.plan.capped():
+    capped = [point for point, n in campaign.planned.items() if campaign.target and n >= campaign.target.max_repeats]
+    for point in capped:
         campaign.say(f"  reached max_repeats: {point.model_type}/{point.activation} {point.noise_type} p={point.p:g}")
     if ending == "interrupted":
         campaign.say("Interrupted. Every finished run is saved; run the same command again to resume.")
