@@ -180,16 +180,15 @@ class Target:
     max_repeats: int
 
     def repeats(self, first_stage_values) -> int:
-        """The repeats an experiment needs, from the ok values of its first stage."""
-        if pd.Series(first_stage_values, dtype=float).count() < 2:
-            return self.first_stage
+        """The repeats an experiment needs, from the ok values of its first stage (under two: no more)."""
         t_s0 = self.half_width_of(first_stage_values, 1)  # t * s0: the half width at n = 1
+        if math.isnan(t_s0):
+            return self.first_stage
         return int(min(self.max_repeats, max(self.first_stage, math.ceil((t_s0 / self.half_width) ** 2))))
 
     def half_width_of(self, first_stage_values, n: int) -> float:
+        """NaN with fewer than two values (no spread)."""
         values = pd.Series(first_stage_values, dtype=float)
-        if values.count() < 2:
-            return math.nan
         return stdtrit(values.count() - 1, 0.975) * values.std(ddof=1) / math.sqrt(n)
 
 
