@@ -364,6 +364,7 @@ def move_aside(output_dir: Path) -> Path | None:
     """For --fresh: rename an existing output_dir to a timestamped sibling (never delete)."""
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return None
+    lock_output_dir(output_dir).close()  # a running campaign's results are never moved
     name = f"{output_dir.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     targets = (output_dir.with_name(name + (f"-{n}" if n > 1 else "")) for n in itertools.count(1))
     target = next(candidate for candidate in targets if not candidate.exists())

@@ -1140,6 +1140,9 @@ def test_a_second_campaign_in_the_same_output_dir_is_refused(mnist, mnist_dir, t
         assert code == 2, stdout + stderr
         assert f"error: another campaign (PID {os.getpid()} on {platform.node()}) is running in {out}/" in stderr
         assert not (out / "runs").exists() and stdout == ""
+        code, stdout, stderr = run_main([*tiny_argv(out, mnist_dir), "--fresh"])  # nor moved aside
+        assert code == 2 and "error: another campaign" in stderr and stdout == ""
+        assert out.is_dir() and [path.name for path in tmp_path.iterdir()] == ["results"]
     finally:
         running.close()
     code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # once it has finished
