@@ -157,13 +157,9 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued and end the worker processes now, without waiting for items."""
     processes = list((pool._processes or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
     for process in processes:  # gone on return: forked workers share the caller's open files (its lock)
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        process.kill()
+        process.join()
 
 
 def run_dask(fn, items, address: str, retries: int = 2, upload: tuple[Path, ...] = (), connect_timeout: float = 10,
