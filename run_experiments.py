@@ -497,7 +497,7 @@ class Campaign:
 
     def write_outputs(self, finished: bool) -> None:
         """The CSVs and headline figures, from the stored records (a signal may land between a save and its
-        bookkeeping); every figure would cost seconds at the end of every campaign (docs/performance.md)."""
+        bookkeeping); plots.py draws every figure on request (docs/performance.md)."""
         self.records = self.store.load()
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
@@ -578,7 +578,7 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
                  f"headline figures: {out}/figures/; log: {out}/campaign.log")
     campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
-    capped = [point for point, n in campaign.planned.items() if campaign.target and n >= campaign.target.max_repeats]
+    capped = [p for p, n in campaign.planned.items() if n >= campaign.target.max_repeats] if campaign.target else []
     for point in capped:
         campaign.say(f"  reached max_repeats: {point.model_type}/{point.activation} {point.noise_type} p={point.p:g}")
     if ending == "interrupted":

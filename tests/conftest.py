@@ -75,7 +75,7 @@ def no_figures(monkeypatch):
     import plots
 
     drawn = []
-    monkeypatch.setattr(plots, "write_figures", lambda output_dir, *args, **kwargs: drawn.append(Path(output_dir)) or [])
+    monkeypatch.setattr(plots, "write_figures", lambda output_dir, *_, **__: drawn.append(Path(output_dir)) or [])
     return drawn
 
 
