@@ -146,6 +146,7 @@ def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
         ax.axhline(0.5, color="0.4", linewidth=0.9, label="chance ROC-AUC 0.5")
     if metric.startswith("delta_"):
         ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from p = 0")
+        ax.set_xlim(left=-0.02)  # from p = 0, which the differences are taken from
     if metric == PAIRED_CORRECTION:
         ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from the correction")
 
