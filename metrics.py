@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-ECE_BINS = 15  # equal-width confidence bins of the calibration error and reliability diagrams
+from registry import ECE_BINS, METRICS
 
 
 def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -48,7 +48,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Cross-entropy, accuracy, macro precision and recall (0 for a class never predicted),
-    macro ROC-AUC, expected calibration error and mean confidence."""
+    macro ROC-AUC, expected calibration error, mean confidence, and every registered `Metric.compute`."""
     logits, labels = logits.float().cpu(), labels.cpu()
     num_classes = logits.shape[1]
     probs = torch.softmax(logits, 1)
@@ -56,7 +56,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes).double()  # rows: true, columns: predicted
     true_positives = confusion.diag()
-    return {
+    metrics = {
         "test_loss": nn.functional.cross_entropy(logits, labels).item(),
         "test_accuracy": (predictions == labels).double().mean().item(),
         "test_macro_precision": (true_positives / confusion.sum(0).clamp(min=1)).mean().item(),
@@ -65,6 +65,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         "test_ece": expected_calibration_error(probs, labels),
         "test_mean_confidence": probs.max(1).values.mean().item(),
     }
+    computed = {name: metric.compute for name, metric in METRICS.items() if metric.compute}
+    return {**metrics, **{name: float(compute(probs.numpy(), labels.numpy())) for name, compute in computed.items()}}
 
 
 def memorisation_metrics(predictions: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:

@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,27 +20,10 @@ from torch import nn
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
+import registry
 from metrics import calibration_bins, classification_metrics, memorisation_metrics
+from registry import ACTIVATIONS, MODEL_TYPES, NOISE_TYPES, NUM_CLASSES, OPTIMIZERS, PRECISIONS, TrainConfig
 
-NUM_CLASSES = 10
-DATASETS = ("mnist", "fashion_mnist")
-MODEL_TYPES = ("mlp", "cnn")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
-LABEL_NOISE_TYPES = ("label_uniform", "label_flip", "label_pairflip", "label_matrix")
-PIXEL_NOISE_TYPES = ("pixel_uniform", "pixel_empirical")
-NOISE_TYPES = LABEL_NOISE_TYPES + PIXEL_NOISE_TYPES
-OPTIMIZERS = ("adam", "sgd")
-LOSS_CORRECTIONS = ("none", "forward")
-PRECISIONS = ("float32", "bfloat16")
-# The final metrics of a run (columns of results_per_run.csv) and the ones kept per epoch.
-METRICS = ["test_accuracy", "test_loss", "test_macro_precision", "test_macro_recall", "test_macro_roc_auc",
-           "test_ece", "test_mean_confidence", "train_loss", "memorised_fraction", "corrupted_true_fraction",
-           "clean_train_accuracy", "selected_epoch", "selected_test_accuracy", "selected_test_loss",
-           "noisy_test_accuracy", "noisy_test_loss", "seconds", "train_seconds"]
-UNBOUNDED_METRICS = {"test_loss", "train_loss", "selected_epoch", "selected_test_loss", "noisy_test_loss", "seconds",
-                     "train_seconds"}  # the others are fractions in [0, 1]
-HISTORY_METRICS = ["test_loss", "test_accuracy", "test_ece", "test_mean_confidence", "memorised_fraction",
-                   "corrupted_true_fraction", "clean_train_accuracy", "validation_loss"]
 MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after each epoch
 EVAL_BATCH_SIZE = 256  # docs/performance.md: evaluation batch size
 MAX_CONDITION = 1e4  # of T, for forward correction: beyond, its inverse amplifies round-off into the model
@@ -50,37 +33,6 @@ NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}  
 IDX_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
              "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
 _DATASET_CACHE: dict[tuple[str, str], Dataset] = {}  # load_dataset's, by (dataset, resolved data_dir)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines one training run."""
-    dataset: str = "mnist"
-    model_type: str = "mlp"
-    activation: str = "relu"
-    hidden_sizes: tuple[int, ...] = (256, 128)
-    noise_type: str = "label_uniform"
-    p: float = 0.0
-    epochs: int = 5
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    normalize: bool = True
-    seed: int = 0
-    cpu_threads: int = 1
-    max_train_samples: int | None = None
-    data_dir: str = "data"
-    use_cuda: bool = False
-    noise_matrix: tuple[tuple[float, ...], ...] | None = None  # M for label_matrix: T = (1-p) I + p M
-    loss_correction: str = "none"      # "forward": train on -log((softmax(z) T)[noisy label])
-    validation_fraction: float = 0.0   # > 0: hold out this much noisy training data to pick the epoch
-    precision: str = "float32"         # "bfloat16": mixed-precision training passes (autocast)
-
-    @property
-    def draws_pixel_noise(self) -> bool:
-        """Whether batches get pixel noise: none at p = 0, so that run is the noiseless one, bit for bit."""
-        return self.noise_type in PIXEL_NOISE_TYPES and self.p > 0
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -192,63 +144,22 @@ def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> D
     return _DATASET_CACHE[key]
 
 
-def check_noise_matrix(matrix, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """The matrix as a float64 tensor, if it is K x K, non-negative and row-stochastic."""
-    try:
-        tensor = torch.tensor(matrix, dtype=torch.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"noise_matrix must be a {num_classes}x{num_classes} list of lists of numbers: {exc}")
-    if tensor.shape != (num_classes, num_classes):
-        raise ValueError(f"noise_matrix must be {num_classes}x{num_classes}, got shape {tuple(tensor.shape)}")
-    if (tensor < 0).any():
-        raise ValueError("noise_matrix has negative entries; every T[i, j] must be >= 0")
-    row_sums = tensor.sum(1)
-    if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-6):
-        bad = int((row_sums - 1).abs().argmax())
-        raise ValueError(f"noise_matrix row {bad} sums to {row_sums[bad].item():.6g}; every row must sum to 1")
-    return tensor
+def transition_matrix(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The run's T (float32), T[i, j] = P(noisy label j | true label i): the identity without label noise."""
+    return torch.from_numpy(registry.transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).float().to(device)
 
 
-def transition_matrix(noise_type: str, p: float, noise_matrix=None, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """T[i, j] = P(noisy label j | true label i) at level p (pixel noise: I; label_matrix: (1 - p) I + p M)."""
-    k = num_classes
-    identity = torch.eye(k, dtype=torch.float64)
-    if noise_type == "label_uniform":
-        noise = torch.full((k, k), 1.0 / k, dtype=torch.float64)
-    elif noise_type == "label_flip":
-        noise = (1 - identity) / (k - 1)
-    elif noise_type == "label_pairflip":
-        noise = identity.roll(1, dims=1)
-    elif noise_type == "label_matrix":
-        noise = check_noise_matrix(noise_matrix, k)
-    else:
-        return identity
-    return (1 - p) * identity + p * noise
-
-
-def corrupt_labels(labels: torch.Tensor, p: float, noise_type: str, generator: torch.Generator,
-                   num_classes: int = NUM_CLASSES, noise_matrix=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy labels, and the bool mask of the examples given a new label (label_matrix: whose label changed).
-    The others relabel exactly round(p*N) examples, to any class, another class or (y + 1) mod K, in an order that
-    does not depend on p, so a smaller p corrupts a subset of the same seed's examples. label_matrix samples T[y]."""
+def corrupt_labels(labels: torch.Tensor, p: float, relabel: torch.Tensor,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy labels, and the bool mask of the examples given a new label: exactly round(p*N) of them, each redrawn
+    from row y of `relabel` (M). The examples and their draws come in an order that does not depend on p, so a
+    smaller p corrupts a subset of the same seed's examples, with the same new labels."""
     n, device = len(labels), labels.device
-    if noise_type == "label_matrix":
-        rows = transition_matrix(noise_type, p, noise_matrix, num_classes).to(device)[labels]
-        noisy = torch.multinomial(rows, 1, generator=generator).squeeze(1)
-        return noisy, noisy != labels
     order = torch.randperm(n, generator=generator, device=device)
-    if noise_type == "label_uniform":
-        new_labels = torch.randint(0, num_classes, (n,), generator=generator, device=device)
-    elif noise_type == "label_flip":
-        offsets = torch.randint(1, num_classes, (n,), generator=generator, device=device)
-        new_labels = (labels[order] + offsets) % num_classes
-    elif noise_type == "label_pairflip":
-        new_labels = (labels[order] + 1) % num_classes
-    else:
-        raise ValueError(f"unknown label noise type {noise_type!r}; allowed: {', '.join(LABEL_NOISE_TYPES)}")
+    new_labels = torch.multinomial(relabel.to(device)[labels[order]], 1, replacement=True, generator=generator)
     chosen = order[: round(p * n)]
     noisy = labels.clone()
-    noisy[chosen] = new_labels[: len(chosen)]
+    noisy[chosen] = new_labels[: len(chosen), 0]
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     mask[chosen] = True
     return noisy, mask
@@ -366,7 +277,7 @@ class BatchSource:
                  stream: str = "pixel_noise", cdf: torch.Tensor | None = None):
         self.images, self.p, self.pixel_noise = images_uint8, cfg.p, cfg.draws_pixel_noise
         self.cdf = None
-        if cfg.noise_type == "pixel_empirical":  # the noise looks like these images
+        if NOISE_TYPES[cfg.noise_type].replacement == "empirical":  # the noise looks like these images
             self.cdf = pixel_intensity_cdf(images_uint8) if cdf is None else cdf
         self.quantiles = None if self.cdf is None else grey_level_quantiles(self.cdf)
         self.generator = make_generator(cfg.seed, stream, device)
@@ -389,8 +300,8 @@ def forward_correction_problem(cfg: TrainConfig) -> str | None:
     """Why forward correction cannot recover this run's clean posterior, or None. With T singular (label_flip at
     p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly conditioned, the noisy labels do not
     identify the clean ones: the run is not trained at all rather than reported as a meaningless model."""
-    if cfg.loss_correction == "forward":
-        condition = torch.linalg.cond(transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix)).item()
+    if cfg.loss == "forward":
+        condition = np.linalg.cond(registry.transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix))
         if condition > MAX_CONDITION:
             return (f"T of {cfg.noise_type} at p={cfg.p:g} has condition number {condition:.3g} (above "
                     f"{MAX_CONDITION:g}): the clean labels are not identifiable, so forward correction is not run")
@@ -399,12 +310,12 @@ def forward_correction_problem(cfg: TrainConfig) -> str | None:
 
 def training_loss(cfg: TrainConfig, device: torch.device):
     """loss(logits, labels) of the run: cross-entropy, or forward-corrected with the run's true T."""
-    if cfg.loss_correction == "none":
+    if cfg.loss == "ce":
         return nn.functional.cross_entropy
-    if cfg.loss_correction == "forward":
-        transition = transition_matrix(cfg.noise_type, cfg.p, cfg.noise_matrix).float().to(device)
+    if cfg.loss == "forward":
+        transition = transition_matrix(cfg, device)
         return lambda logits, labels: forward_corrected_loss(logits, labels, transition)
-    raise ValueError(f"unknown loss_correction {cfg.loss_correction!r}; allowed: {', '.join(LOSS_CORRECTIONS)}")
+    raise ValueError(f"unknown loss {cfg.loss!r}")
 
 
 def training_precision(precision: str, device: torch.device):
@@ -508,9 +419,9 @@ def prepare_run(cfg: TrainConfig, data: Dataset, device: torch.device) -> RunDat
     limit = min(cfg.max_train_samples or len(data.train_labels), len(data.train_labels))
     images, clean_labels = data.train_images[:limit].to(device), data.train_labels[:limit].to(device)
     labels = clean_labels
-    if cfg.noise_type in LABEL_NOISE_TYPES:
-        labels, _ = corrupt_labels(clean_labels, cfg.p, cfg.noise_type, make_generator(cfg.seed, "label_noise", device),
-                                   noise_matrix=cfg.noise_matrix)
+    if NOISE_TYPES[cfg.noise_type].kind == "label":
+        relabel = torch.from_numpy(registry.relabel_matrix(cfg.noise_type, cfg.noise_matrix))
+        labels, _ = corrupt_labels(clean_labels, cfg.p, relabel, make_generator(cfg.seed, "label_noise", device))
     train_indices, validation_indices = split_validation(cfg, limit, device)
     shuffled = torch.randperm(len(train_indices), generator=make_generator(cfg.seed, "memorisation", device),
                               device=device)
@@ -524,7 +435,7 @@ def evaluate_epoch(model: nn.Module, cfg: TrainConfig, run: RunData, loss_fn) ->
     """The metrics recorded after each epoch, and the test logits."""
     test_logits = predict(model, run.test_source, torch.arange(len(run.test_labels), device=run.test_labels.device))
     metrics = classification_metrics(test_logits, run.test_labels)
-    if cfg.noise_type in LABEL_NOISE_TYPES:
+    if NOISE_TYPES[cfg.noise_type].kind != "pixel":
         sample = run.memorisation_indices
         predictions = predict(model, run.clean_source, sample).argmax(1)
         metrics.update(memorisation_metrics(predictions, run.labels[sample], run.clean_labels[sample]))
@@ -535,20 +446,23 @@ def evaluate_epoch(model: nn.Module, cfg: TrainConfig, run: RunData, loss_fn) ->
     return metrics, test_logits
 
 
-def summarise_history(history: dict[str, list[float]]) -> dict:
-    """Final values, `history_<metric>` lists and, with a validation loss, the test metrics of
-    the epoch where it was lowest (`selected_*`: the test set never chooses)."""
-    summary = {name: values[-1] for name, values in history.items()}
-    summary.update({f"history_{name}": values for name, values in history.items()})
+def results_at(model: nn.Module, cfg: TrainConfig, run: RunData, history: dict[str, list[float]],
+               test_logits: torch.Tensor) -> dict:
+    """A run's results after the epochs in `history`: the last value of every metric, the reliability bins, the
+    test on equally noisy images and, with a validation loss, the test metrics of the epoch where it was lowest
+    (`selected_*`: the test set never chooses)."""
+    results = {name: values[-1] for name, values in history.items()}
     if "validation_loss" in history:
         best = int(np.argmin(history["validation_loss"]))
-        summary.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
+        results.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
                        selected_test_loss=history["test_loss"][best])
-    return summary
+    probabilities = torch.softmax(test_logits.float().cpu(), 1)
+    return {**results, **noisy_test_metrics(model, cfg, run, results),
+            "reliability": calibration_bins(probabilities, run.test_labels.cpu())}
 
 
 def noisy_test_metrics(model: nn.Module, cfg: TrainConfig, run: RunData, clean: dict) -> dict:
-    """For pixel noise: accuracy and cross-entropy on test images with the training noise (at p = 0: clean)."""
+    """Accuracy and cross-entropy on test images with the training's pixel noise (without: the clean ones)."""
     metrics = clean
     if cfg.draws_pixel_noise:
         noisy = BatchSource(cfg, run.test_source.images, run.test_labels.device, "test_noise", run.source.cdf)
@@ -559,7 +473,9 @@ def noisy_test_metrics(model: nn.Module, cfg: TrainConfig, run: RunData, clean: 
 
 def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     """Train one model on (possibly corrupted) training data and evaluate it on the clean test set: a flat dict of
-    every config field, the final `METRICS`, `n_params`, the `history_<metric>` lists and the reliability bins."""
+    every config field, the final metrics, `n_params`, the `history_<metric>` lists, the reliability bins, and
+    in `reported` the results after each of `cfg.reported_epochs` (with a constant learning rate, what a
+    shorter run of the same seed gives, bit for bit)."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, cfg.cpu_threads))
     torch.set_flush_denormal(True)  # docs/performance.md: subnormal Adam moments
@@ -572,7 +488,7 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     optimizer = Optimizer(model, cfg)
     loss_fn = training_loss(cfg, device)
     order_generator = make_generator(cfg.seed, "data_order", device)
-    history, train_seconds = defaultdict(list), 0.0
+    history, reported, train_seconds = defaultdict(list), {}, 0.0
     for epoch in range(1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         try:
@@ -583,11 +499,12 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
             raise
         train_seconds += time.perf_counter() - epoch_started
         metrics, test_logits = evaluate_epoch(model, cfg, run, loss_fn)
-        for name, value in metrics.items():
+        for name, value in {**metrics, "train_loss": train_loss}.items():
             history[name].append(value)
-    result = {**asdict(cfg), **summarise_history(history), "train_loss": train_loss,
-              "n_params": count_parameters(model),
-              "reliability": calibration_bins(torch.softmax(test_logits.float().cpu(), 1), run.test_labels.cpu())}
-    if cfg.noise_type in PIXEL_NOISE_TYPES:
-        result.update(noisy_test_metrics(model, cfg, run, result))
-    return {**result, "seconds": time.perf_counter() - started, "train_seconds": train_seconds}
+        if epoch in cfg.reported_epochs or epoch == cfg.epochs:
+            reported[epoch] = {**results_at(model, cfg, run, history, test_logits), "train_seconds": train_seconds,
+                               "seconds": time.perf_counter() - started}
+    final = reported.pop(cfg.epochs)
+    return {**asdict(cfg), **final, "n_params": count_parameters(model),
+            **{f"history_{name}": values for name, values in history.items()},
+            "reported": {str(epoch): results for epoch, results in reported.items()}}

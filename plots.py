@@ -7,6 +7,7 @@ a figure without data is None. Bare Agg Figures (never pyplot): drawing leaves n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -19,49 +20,37 @@ from matplotlib.colors import Normalize
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
-import nnet_models as nm
+import registry
 import results_store as rs
 
-K = nm.NUM_CLASSES
+K = registry.NUM_CLASSES
+NOISE_ORDER = list(registry.NOISE_TYPES)
+LABEL_NOISE, PIXEL_NOISE = registry.of_kind("label"), registry.of_kind("pixel")
 NOTEBOOK = Path(__file__).resolve().parent / "analysis.ipynb"
-# The noise level beyond which the most likely noisy label is no longer the true class.
-INFORMATION_LIMITS = {"label_uniform": 1.0, "label_flip": (K - 1) / K, "label_pairflip": 0.5}
-NOISE_COLORS = dict(zip(nm.NOISE_TYPES, ("tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:green",
-                                         "tab:orange")))
 # Config fields other than dataset and model that tell experiments apart: when one varies, its
-# value joins the row label (activation, noise type and matrix, p, loss correction are drawn apart).
+# value joins the panel titles (activation, noise type and matrix and p are drawn apart).
 OTHER_FIELDS = [f for f in rs.GROUP_FIELDS if f not in ("dataset", "model_type", "activation", "noise_type",
-                                                           "noise_matrix", "p", "loss_correction")]
-LABELS = {"test_accuracy": "test accuracy", "test_loss": "test cross-entropy (nats)",
-          "test_macro_precision": "macro precision", "test_macro_recall": "macro recall",
-          "test_macro_roc_auc": "macro ROC-AUC", "test_ece": "test ECE", "test_mean_confidence": "mean confidence",
-          "memorised_fraction": "corrupted: predicts noisy label",
-          "corrupted_true_fraction": "corrupted: predicts true label",
-          "clean_train_accuracy": "uncorrupted: train accuracy", "selected_epoch": "selected epoch",
+                                                           "noise_matrix", "p")]
+PAIRED_LOSS = "minus_ce_test_accuracy"
+LABELS = {**{name: metric.label for name, metric in registry.METRICS.items()},
           "accuracy": "accuracy in bin", "delta_test_accuracy": "test accuracy − at p = 0",
-          "delta_test_loss": "test cross-entropy − at p = 0",
-          "forward_minus_none_test_accuracy": "test accuracy: forward − none"}
-PAIRED_CORRECTION = "forward_minus_none_test_accuracy"
-UNIT_RANGE = set(LABELS) - {"test_loss", "selected_epoch", "delta_test_accuracy", "delta_test_loss",
-                            PAIRED_CORRECTION}  # drawn on a y axis from 0 to 1
+          "delta_test_loss": "test cross-entropy − at p = 0", PAIRED_LOSS: "test accuracy: loss − ce (paired)"}
+UNIT_RANGE = {name for name, metric in registry.METRICS.items() if metric.bounded} | {"accuracy"}  # y from 0 to 1
+MAX_PANELS = 48  # a figure with more is drawn once per value of a varying setting (docs/outputs.md)
 OVER_SEEDS = " (mean ± standard error over seeds)"
 PANEL_SIZE = (3.4, 2.5)  # inches
 DPI = 110
 STYLE = {"font.size": 8.5, "axes.titlesize": 9, "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3}
 
 
-def posterior_model_loss(noise_type: str, p):
-    """Clean-test loss of a model predicting the noisy-label posterior: 1 - p(K-1)/K or 1 - p on the true class."""
-    p = np.asarray(p, dtype=float)
-    return -np.log(1 - p * (K - 1) / K) if noise_type == "label_uniform" else -np.log(1 - p)
+def information_limit(noise: str) -> float | None:
+    return registry.information_limit(noise) if noise in LABEL_NOISE and noise != "label_matrix" else None
 
 
-def experiments(table: pd.DataFrame, loss_correction: str | None = "none") -> pd.DataFrame:
-    """Rows with `loss_correction` (None: all), plus `setting` (dataset · model · varying fields) and `noise`."""
-    if loss_correction is not None:
-        table = table[table["loss_correction"] == loss_correction]
+def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
+    """The rows plus `setting` (dataset · model · every varying field but those drawn `apart`) and `noise`."""
     setting = table["dataset"].astype(str) + " · " + table["model_type"].astype(str)
-    for field in (f for f in OTHER_FIELDS if table[f].nunique(dropna=False) > 1):
+    for field in (f for f in OTHER_FIELDS if f not in apart and table[f].nunique(dropna=False) > 1):
         setting = setting + f" · {field}=" + table[field].astype(str)
     matrices = sorted(table["noise_matrix"].dropna().unique())
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
@@ -77,13 +66,19 @@ def ordered(values, canonical) -> list:
 
 
 def color(noise: str) -> str:
-    return NOISE_COLORS.get(noise, f"C{sum(map(ord, noise)) % 10}")
+    return registry.NOISE_TYPES[noise].color if noise in registry.NOISE_TYPES else f"C{sum(map(ord, noise)) % 10}"
+
+
+class TooManyPanels(ValueError):
+    """A figure would have more than MAX_PANELS panels."""
 
 
 @matplotlib.rc_context(STYLE)
 def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") -> Figure:
     """A panel per (title, frame, metric) in rows `panels`, drawn by draw(ax, frame, metric); one legend below."""
     n_rows, n_cols = len(panels), max(map(len, panels))
+    if n_rows * n_cols > MAX_PANELS:
+        raise TooManyPanels(f"{title!r} would have {n_rows * n_cols} panels, more than {MAX_PANELS}")
     width = max(n_cols * PANEL_SIZE[0], 7.5)
     fig = Figure(figsize=(width, n_rows * PANEL_SIZE[1] + 1.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -122,7 +117,7 @@ def errorbar_line(ax, frame: pd.DataFrame, column: str, label: str, color: str, 
 
 
 def noise_lines(ax, frame: pd.DataFrame, column: str, linestyle: str = "-", variant: str = "") -> None:
-    for noise in ordered(frame["noise"], nm.NOISE_TYPES):
+    for noise in ordered(frame["noise"], NOISE_ORDER):
         label = f"{noise}, {variant}" if variant else noise
         errorbar_line(ax, frame[frame["noise"] == noise], column, label, color(noise), linestyle)
 
@@ -131,8 +126,8 @@ def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
     """Chance, the information limits the p range reaches (all, if `black`), the noisy-label posterior's loss."""
     if metric == "test_accuracy":
         ax.axhline(1 / K, color="0.4", linewidth=0.9, label="chance 1/K", gid="chance")
-    for noise in (n for n in ordered(frame["noise"], nm.NOISE_TYPES) if n in INFORMATION_LIMITS):
-        limit, p_max = INFORMATION_LIMITS[noise], frame.loc[frame["noise"] == noise, "p"].max()
+    for noise in (n for n in ordered(frame["noise"], NOISE_ORDER) if information_limit(n) is not None):
+        limit, p_max = information_limit(noise), frame.loc[frame["noise"] == noise, "p"].max()
         line_color, which = ("black", "") if black else (color(noise), f" ({noise})")
         if black or p_max >= limit:
             ax.axvline(limit, color=line_color, linestyle=":", linewidth=1.2, label=f"information limit{which}",
@@ -140,15 +135,15 @@ def theory(ax, frame: pd.DataFrame, metric: str, black: bool = False) -> None:
         p = np.linspace(0, min(p_max, limit), 200)
         p = p[p < limit]
         if metric == "test_loss" and p.size > 1:
-            ax.plot(p, posterior_model_loss(noise, p), color=line_color, linestyle="--", linewidth=1.1,
+            ax.plot(p, registry.posterior_model_loss(noise, p), color=line_color, linestyle="--", linewidth=1.1,
                     label=f"model = noisy-label posterior{which}", gid=f"posterior_model:{noise}")
     if metric == "test_macro_roc_auc":
         ax.axhline(0.5, color="0.4", linewidth=0.9, label="chance ROC-AUC 0.5")
     if metric.startswith("delta_"):
         ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from p = 0")
         ax.set_xlim(left=-0.02)  # from p = 0, which the differences are taken from
-    if metric == PAIRED_CORRECTION:
-        ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from the correction")
+    if metric == PAIRED_LOSS:
+        ax.axhline(0.0, color="0.4", linewidth=0.9, label="no change from ce")
 
 
 def noise_panel(ax, frame: pd.DataFrame, metric: str) -> None:
@@ -166,8 +161,8 @@ def by_activation(frame: pd.DataFrame, metrics, title: str, draw=noise_panel, by
     rows = list(frame.groupby("setting"))
     if by_noise:
         rows = [(f"{setting} · {noise}", part[part["noise"] == noise]) for setting, part in rows
-                for noise in ordered(part["noise"], nm.NOISE_TYPES)]
-    activations = ordered(frame["activation"], nm.ACTIVATIONS)
+                for noise in ordered(part["noise"], NOISE_ORDER)]
+    activations = ordered(frame["activation"], registry.ACTIVATIONS)
     if metrics_across:
         panels = [[(f"{name} · {a}", part[part["activation"] == a], m) for m in metrics]
                   for name, part in rows for a in activations if (part["activation"] == a).any()]
@@ -191,13 +186,13 @@ def plot_paired_differences(summary: pd.DataFrame) -> Figure | None:
 def plot_label_vs_pixel(summary: pd.DataFrame) -> Figure | None:
     """Figure 3: label next to pixel noise, accuracy and cross-entropy; a row per setting and activation."""
     frame = experiments(summary)
-    label = frame["noise_type"].isin(nm.LABEL_NOISE_TYPES)
+    label = frame["noise_type"].isin(LABEL_NOISE)
     if not (label.any() and (~label).any()):
         return None
     families = (("label noise", frame[label]), ("pixel noise", frame[~label]))
     panels = [[(f"{setting} · {a} · {family}", part[(part["setting"] == setting) & (part["activation"] == a)], m)
                for m in ("test_accuracy", "test_loss") for family, part in families]
-              for setting in sorted(frame["setting"].unique()) for a in ordered(frame["activation"], nm.ACTIVATIONS)]
+              for setting in sorted(frame["setting"].unique()) for a in ordered(frame["activation"], registry.ACTIVATIONS)]
     return grid(panels, noise_panel, "Label noise vs pixel noise" + OVER_SEEDS)
 
 
@@ -216,47 +211,38 @@ def plot_calibration(summary: pd.DataFrame) -> Figure | None:
 def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
     """Figure 6: a column per label noise type with a closed-form theory (black), a line per activation."""
     frame = experiments(summary)
-    frame = frame[frame["noise"].isin(INFORMATION_LIMITS)]
+    frame = frame[[information_limit(n) is not None for n in frame["noise"]]]
     if frame.empty:
         return None
 
     def draw(ax, part, metric):
-        for i, activation in enumerate(ordered(part["activation"], nm.ACTIVATIONS)):
+        for i, activation in enumerate(ordered(part["activation"], registry.ACTIVATIONS)):
             errorbar_line(ax, part[part["activation"] == activation], metric, activation, f"C{i}")
         theory(ax, part, metric, black=True)
-    noises = ordered(frame["noise"], nm.NOISE_TYPES)
+    noises = ordered(frame["noise"], NOISE_ORDER)
     panels = [[(f"{setting} · {noise}", part[part["noise"] == noise], metric) for noise in noises]
               for setting, part in frame.groupby("setting") for metric in ("test_accuracy", "test_loss")]
     return grid(panels, draw, f"Label noise: measurements (a line per activation) vs theory (black), K = {K}")
 
 
-def plot_loss_correction(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    """Figure 10: without (solid) and with (dashed) forward correction, for experiments run both ways alike, and
-    the paired difference in accuracy (forward minus none, run by run on the same seed)."""
-    if not (summary["loss_correction"] == "forward").any():
+def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
+    """Figure 10: each loss against cross-entropy (ce): accuracy and cross-entropy vs p, a line per loss, and the
+    paired difference in accuracy, loss minus ce run by run on the same seed."""
+    if summary["loss"].nunique() < 2 or not (summary["loss"] == "ce").any():
         return None
-    seeds = (runs[runs["status"] == "ok"].groupby(rs.GROUP_FIELDS, dropna=False)["seed"]
-             .agg(lambda s: tuple(sorted(s))).rename("seeds").reset_index())
-    frame = experiments(summary.merge(seeds, on=rs.GROUP_FIELDS, how="left"), None)
-    twins = [f for f in rs.GROUP_FIELDS if f != "loss_correction"]
-    frame = frame[frame.groupby(twins + ["seeds"], dropna=False)["loss_correction"].transform("nunique") == 2]
-    if frame.empty:
-        return None
-    frame = frame.merge(rs.forward_correction_effects(runs), on=twins, how="left", suffixes=("", "_pairs"))
+    frame = experiments(summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left"), apart=rs.LOSS_FIELDS)
+    settings = frame["loss_settings"].fillna("")
+    frame["variant"] = frame["loss"] + (" " + settings).where(settings != "", "")
+    variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
 
     def draw(ax, part, metric):
-        if metric == PAIRED_CORRECTION:
-            noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "-", "forward − none (paired)")
-        else:
-            noise_lines(ax, part[part["loss_correction"] == "none"], metric, "-", "no correction")
-            noise_lines(ax, part[part["loss_correction"] == "forward"], metric, "--", "forward correction")
+        for variant in variants:
+            line_color = "black" if variant == "ce" else f"C{variants.index(variant) - 1}"
+            errorbar_line(ax, part[part["variant"] == variant], metric, variant, line_color)
         theory(ax, part, metric)
-    noises = ordered(frame["noise"], nm.NOISE_TYPES)
-    panels = [[(f"{setting} · {activation} · {noise}", part[part["noise"] == noise], m)
-               for noise in noises for m in ("test_accuracy", "test_loss")]
-              + [(f"{setting} · {activation} · paired", part, PAIRED_CORRECTION)]
-              for (setting, activation), part in frame.groupby(["setting", "activation"])]
-    return grid(panels, draw, "Forward loss correction vs none (same activation and seeds)")
+    panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss", PAIRED_LOSS)]
+              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"])]
+    return grid(panels, draw, "Losses vs cross-entropy (ce) on the same seeds" + OVER_SEEDS)
 
 
 def variant_figure(summary: pd.DataFrame, prefix: str, variants: tuple[str, str], title: str, noise_types,
@@ -275,13 +261,13 @@ def variant_figure(summary: pd.DataFrame, prefix: str, variants: tuple[str, str]
 def plot_early_stopping(summary: pd.DataFrame) -> Figure | None:
     """Figure 11: the final epoch vs the epoch of lowest noisy-validation loss, and which epoch that was."""
     return variant_figure(summary, "selected_", ("final epoch", "epoch of lowest noisy-validation loss"),
-                          "Early stopping on a noisy validation split", nm.NOISE_TYPES, extra=("selected_epoch",))
+                          "Early stopping on a noisy validation split", NOISE_ORDER, extra=("selected_epoch",))
 
 
 def plot_pixel_test_matching(summary: pd.DataFrame) -> Figure | None:
     """Figure 12: pixel-noise runs tested on clean images and on images with the same pixel noise."""
     return variant_figure(summary, "noisy_", ("clean test images", "equally noisy test images"),
-                          "Pixel noise: clean vs equally noisy test images", nm.PIXEL_NOISE_TYPES)
+                          "Pixel noise: clean vs equally noisy test images", PIXEL_NOISE)
 
 
 @matplotlib.rc_context(STYLE)
@@ -311,7 +297,7 @@ def plot_learning_curves(curves: pd.DataFrame) -> Figure | None:
 def plot_memorisation(curves: pd.DataFrame) -> Figure | None:
     """Figure 9: per epoch at label noise p > 0, clean-test accuracy and what corrupted and uncorrupted training
     examples are predicted as."""
-    label = curves[curves["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (curves["p"] > 0)]
+    label = curves[curves["noise_type"].isin(LABEL_NOISE) & (curves["p"] > 0)]
     metrics = ["test_accuracy", "memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]
     return curves_figure(label, metrics, "Memorisation of noisy training labels", metrics_across=True)
 
@@ -323,12 +309,12 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
         return None
 
     def levels(noise, ps):
-        ps = sorted(p for p in set(ps) if p < INFORMATION_LIMITS.get(noise, np.inf))
+        ps = sorted(p for p in set(ps) if p < (information_limit(noise) or np.inf))
         return ps if len(ps) <= 3 else [ps[0], min(ps, key=lambda p: abs(p - (ps[0] + ps[-1]) / 2)), ps[-1]]
 
     def draw(ax, part, metric):
         ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=0.9, label="perfect calibration")
-        for i, activation in enumerate(ordered(part["activation"], nm.ACTIVATIONS)):
+        for i, activation in enumerate(ordered(part["activation"], registry.ACTIVATIONS)):
             bins = part[part["activation"] == activation].sort_values("bin")
             ax.plot(bins["confidence"], bins[metric], color=f"C{i}", linewidth=1.1, label=activation)
             share = bins["count"] / bins["count"].sum()
@@ -336,7 +322,7 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
         ax.set_xlim(0, 1)
     panels = [[(f"{setting} · {noise} · p = {p:g}", part[(part["noise"] == noise) & (part["p"] == p)],
                 "accuracy") for p in levels(noise, part.loc[part["noise"] == noise, "p"])]
-              for setting, part in frame.groupby("setting") for noise in ordered(part["noise"], nm.NOISE_TYPES)]
+              for setting, part in frame.groupby("setting") for noise in ordered(part["noise"], NOISE_ORDER)]
     title = "Reliability on the clean test set (final models; marker area: share of test images)"
     return grid(panels, draw, title, xlabel="confidence (max softmax)")
 
@@ -347,14 +333,28 @@ NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the ta
 
 
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
-    return summary[summary["loss_correction"] == "none"]
+    """The runs with plain cross-entropy; a table of several settings (a slice the report did not choose) raises."""
+    table = summary[summary["loss"] == "ce"]
+    if varying := [f for f in OTHER_FIELDS if table[f].nunique(dropna=False) > 1]:
+        raise ValueError(f"the tables take one value of each setting, and {', '.join(varying)} vary: choose one "
+                         "with the notebook's SLICE (plots.select)")
+    return table
+
+
+def select(results: rs.Results, **values) -> rs.Results:
+    """The results with each named setting at the given value, e.g. select(results, learning_rate=0.001)."""
+    def part(table):
+        for field, value in values.items():
+            table = table[table[field].astype(str) == str(value)]
+        return table
+    return rs.Results(*(part(table) for table in dataclasses.astuple(results)))
 
 
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """What the campaign ran: per dataset, model, noise type and loss correction, the activations, the number
-    of noise levels, the epochs and the fewest seeds of any experiment."""
-    return summary.groupby(["dataset", "model_type", "noise_type", "loss_correction"]).agg(
-        activations=("activation", lambda a: ", ".join(ordered(a, nm.ACTIVATIONS))), noise_levels=("p", "nunique"),
+    """What the campaign ran: per dataset, model, noise type and loss, the activations, the number of noise
+    levels, the epochs and the fewest seeds of any experiment."""
+    return summary.groupby(["dataset", "model_type", "noise_type", "loss"]).agg(
+        activations=("activation", lambda a: ", ".join(ordered(a, registry.ACTIVATIONS))), noise_levels=("p", "nunique"),
         epochs=("epochs", "max"), seeds_per_experiment=("n", "min"))
 
 
@@ -376,15 +376,15 @@ def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
 def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Test cross-entropy minus that of a model predicting the noisy-label posterior, below the information limit."""
     label = uncorrected(summary)
-    label = label[label["p"] < label["noise_type"].map(INFORMATION_LIMITS)]  # NaN for other types: left out
-    posterior = [float(posterior_model_loss(t, p)) for t, p in zip(label["noise_type"], label["p"])]
+    label = label[[p < (information_limit(t) or -1) for t, p in zip(label["noise_type"], label["p"])]]
+    posterior = [float(registry.posterior_model_loss(t, p)) for t, p in zip(label["noise_type"], label["p"])]
     excess = label[EXPERIMENT].assign(excess=label["test_loss_mean"] - posterior)
     return excess.pivot_table(index=NOISE_LEVEL, columns="activation", values="excess").round(3)
 
 
 def pixel_test_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Pixel noise: mean accuracy on clean and on equally noisy test images, a column pair per activation."""
-    rows = uncorrected(summary).loc[lambda t: t["noise_type"].isin(nm.PIXEL_NOISE_TYPES)]
+    rows = uncorrected(summary).loc[lambda t: t["noise_type"].isin(PIXEL_NOISE)]
     names = {"test_accuracy_mean": "clean test", "noisy_test_accuracy_mean": "noisy test"}
     table = rows.pivot_table(index=NOISE_LEVEL, columns="activation", values=list(names))
     return table.rename(columns=names).swaplevel(axis=1).sort_index(axis=1).round(3)
@@ -393,7 +393,7 @@ def pixel_test_table(summary: pd.DataFrame) -> pd.DataFrame:
 def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Label noise at p > 0: the epoch of highest mean test accuracy and the last epoch, with the test accuracy
     and the fraction of corrupted training examples predicted as their noisy label at each."""
-    label = uncorrected(curves).loc[lambda t: t["noise_type"].isin(nm.LABEL_NOISE_TYPES) & (t["p"] > 0)]
+    label = uncorrected(curves).loc[lambda t: t["noise_type"].isin(LABEL_NOISE) & (t["p"] > 0)]
     experiment = label.groupby(rs.GROUP_FIELDS, dropna=False)
     columns = {"epoch": "epoch", "test_accuracy_mean": "test accuracy", "memorised_fraction_mean": "memorised"}
     best, last = (label.loc[experiment[column].idxmax()].set_index(EXPERIMENT)[list(columns)].rename(columns=columns)
@@ -401,11 +401,11 @@ def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.concat({"at the highest test accuracy": best, "at the last epoch": last}, axis=1).sort_index().round(3)
 
 
-def forward_correction_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Forward correction minus none, paired run by run on the same seed: means and 95% confidence intervals."""
-    effects = rs.forward_correction_effects(runs).set_index(EXPERIMENT)
+def loss_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each loss minus ce, paired run by run on the same seed: means and 95% confidence intervals."""
+    effects = rs.loss_effects(runs).set_index(EXPERIMENT + rs.LOSS_FIELDS)
     statistics = {"mean": "mean", "ci95_low": "CI low", "ci95_high": "CI high"}
-    parts = {f"{LABELS[m]}, forward − none": effects[[f"forward_minus_none_{m}_{s}" for s in statistics]]
+    parts = {f"{LABELS[m]}, loss − ce": effects[[f"minus_ce_{m}_{s}" for s in statistics]]
              .set_axis(list(statistics.values()), axis=1) for m in rs.DELTA_METRICS}
     return pd.concat({"": effects[["n"]].rename(columns={"n": "pairs"}), **parts}, axis=1).sort_index().round(3)
 
@@ -414,7 +414,7 @@ def paired_vs_unpaired_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per noise type, the standard error of the paired difference from p = 0 divided by the unpaired one,
     sqrt(se at p ** 2 + se at 0 ** 2): below 1, pairing narrows the interval."""
     table = uncorrected(summary)
-    keys = EXPERIMENT[:4] + [f for f in rs.GROUP_FIELDS if f not in EXPERIMENT + ["loss_correction"]]
+    keys = EXPERIMENT[:4] + [f for f in rs.GROUP_FIELDS if f not in EXPERIMENT]
     clean = table[table["p"] == 0][keys + ["test_accuracy_stderr"]]
     noisy = table[table["p"] > 0].merge(clean, on=keys, suffixes=("", "_clean"))
     unpaired = (noisy["test_accuracy_stderr"] ** 2 + noisy["test_accuracy_stderr_clean"] ** 2) ** 0.5
@@ -432,13 +432,31 @@ FIGURES = {  # name: (file, the figure of a results_store.Results, None when its
     "calibration": ("fig7_calibration.png", lambda r: plot_calibration(r.summary)),
     "reliability": ("fig8_reliability.png", lambda r: plot_reliability(r.reliability)),
     "memorisation": ("fig9_memorisation.png", lambda r: plot_memorisation(r.curves)),
-    "loss_correction": ("fig10_loss_correction.png", lambda r: plot_loss_correction(r.summary, r.runs)),
+    "losses": ("fig10_losses.png", lambda r: plot_losses(r.summary, r.runs)),
     "early_stopping": ("fig11_early_stopping.png", lambda r: plot_early_stopping(r.summary)),
     "pixel_test_matching": ("fig12_pixel_test_matching.png", lambda r: plot_pixel_test_matching(r.summary)),
     "paired_differences": ("fig13_paired_differences.png", lambda r: plot_paired_differences(r.summary)),
 }
 FIGURE_FILES = {name: file for name, (file, _) in FIGURES.items()}
 HEADLINE_FIGURES = ("accuracy_vs_p", "loss_vs_p", "label_vs_pixel")  # drawn at the end of every campaign
+
+
+def drawn(name: str, results: rs.Results, file: str | None = None) -> list[tuple[str, Figure]]:
+    """(file, figure) of figure `name`; where it has too many panels to read, one per value of the varying
+    setting with the most values, its file named after it (say so)."""
+    file = file or FIGURES[name][0]
+    try:
+        fig = FIGURES[name][1](results)
+    except TooManyPanels as exc:
+        fields = [f for f in ["activation", "dataset", "model_type", *OTHER_FIELDS] if results.summary[f].nunique() > 1]
+        if not fields:
+            raise
+        field = max(fields, key=lambda f: results.summary[f].nunique())
+        print(f"note: {exc}; drawn once per {field} (or choose a slice: plots.select)")
+        stem = Path(file).stem
+        return [item for value in sorted(results.summary[field].dropna().unique(), key=str)
+                for item in drawn(name, select(results, **{field: value}), f"{stem}__{field}={value}.png")]
+    return [] if fig is None else [(file, fig)]
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -452,8 +470,7 @@ def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None,
     """Draw the figures `names` with data in `output_dir`'s CSVs into `figures_dir` (default: output_dir/figures)."""
     results = rs.read_results(output_dir)
     figures_dir = Path(output_dir) / "figures" if figures_dir is None else Path(figures_dir)
-    figures = ((FIGURES[name][0], FIGURES[name][1](results)) for name in names)
-    return [save_figure(fig, figures_dir / file) for file, fig in figures if fig is not None]
+    return [save_figure(fig, figures_dir / file) for name in names for file, fig in drawn(name, results)]
 
 
 def write_report(output_dir: Path) -> Path:

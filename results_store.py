@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 from scipy.special import stdtrit
 
-import nnet_models as nm
-from metrics import ECE_BINS
+import registry
+from registry import CLEAN, ECE_BINS
 
 RUNS_DIR = "runs"
 PER_RUN_CSV = "results_per_run.csv"
@@ -24,13 +24,15 @@ HISTORY_CSV = "results_history.csv"
 RELIABILITY_CSV = "results_reliability.csv"
 CAMPAIGN_JSON = "campaign.json"
 
-CONFIG_FIELDS = [field.name for field in dataclasses.fields(nm.TrainConfig)]
+# A run's results after each listed length are rows of their own, with `epochs` that length.
+CONFIG_FIELDS = [field.name for field in dataclasses.fields(registry.TrainConfig) if field.name != "reported_epochs"]
 # Runs that differ in any of these are different experiments and are never pooled. The other config fields do not
 # change a run's result: the seed is what repeats vary.
 GROUP_FIELDS = [name for name in CONFIG_FIELDS if name not in ("seed", "cpu_threads", "data_dir")]
+METRICS = list(registry.METRICS)
 RUN_FIELDS = ["run_id", "repeat", "status", "error", "diverged_epoch", "diverged_step", "attempts", "finished_at"]
 # What identifies a run in the long tables (history, reliability).
-RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss_correction"]
+RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss", "epochs"]
 STATISTICS = ("mean", "std", "stderr", "ci95_low", "ci95_high")
 # A run's clean partner: the same settings and seed at p = 0, whatever the noise type.
 PAIR_FIELDS = [name for name in GROUP_FIELDS if name not in ("p", "noise_type", "noise_matrix")]
@@ -58,7 +60,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def csv_value(value):
-    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise matrix as JSON."""
+    """How a config value is stored in records and CSVs: hidden_sizes as '256-128', a noise matrix as JSON,
+    loss settings as 'q=0.7'."""
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple) and isinstance(value[0][0], str):
+        return " ".join(f"{name}={number:g}" for name, number in value)
     if isinstance(value, tuple) and value and isinstance(value[0], tuple):
         return json.dumps([list(row) for row in value])
     if isinstance(value, tuple):
@@ -127,11 +132,26 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
     return pd.DataFrame(columns).reset_index()
 
 
+def by_length(records: list[dict]) -> list[dict]:
+    """Each record, then for each shorter length it reports, the record with those results and `epochs`."""
+    return [row for record in records for row in
+            [record, *({**record, **results, "epochs": int(epochs)}
+                       for epochs, results in record.get("reported", {}).items())]]
+
+
 def per_run_table(records: list[dict]) -> pd.DataFrame:
-    """One row per run: bookkeeping, config fields, final metrics (history left out)."""
-    table = pd.DataFrame(records).reindex(columns=RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + nm.METRICS)
+    """One row per run and reported length: bookkeeping, config fields, final metrics (history left out)."""
+    table = pd.DataFrame(by_length(records)).reindex(columns=RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + METRICS)
     table["max_train_samples"] = table["max_train_samples"].astype("Int64")  # empty = all samples
     return table.sort_values(GROUP_FIELDS[:6] + ["repeat"], kind="stable", ignore_index=True)
+
+
+def with_clean_runs_per_noise_type(ok: pd.DataFrame) -> pd.DataFrame:
+    """The clean runs (p = 0, shared) counted as the p = 0 runs of every noise type run with the same settings."""
+    clean, noisy = ok[ok["noise_type"] == CLEAN], ok[ok["noise_type"] != CLEAN]
+    types = noisy[PAIR_FIELDS + ["noise_type", "noise_matrix"]].drop_duplicates()
+    copies = clean.drop(columns=["noise_type", "noise_matrix"]).merge(types, on=PAIR_FIELDS, how="left")
+    return pd.concat([noisy, copies.fillna({"noise_type": CLEAN})], ignore_index=True)
 
 
 def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
@@ -148,25 +168,28 @@ def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
 def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.DataFrame:
     """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the paired differences
     from the clean baseline; with a precision `target`, test accuracy gets the two-stage interval (`Target`)."""
-    ok = per_run[per_run["status"] == "ok"]
-    summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, nm.METRICS + [f"delta_{m}" for m in DELTA_METRICS])
+    ok = with_clean_runs_per_noise_type(per_run[per_run["status"] == "ok"])
+    summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, METRICS + [f"delta_{m}" for m in DELTA_METRICS])
     summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
     # A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clipped to [0, 1].
-    for metric in set(nm.METRICS) - nm.UNBOUNDED_METRICS:
+    for metric in set(METRICS) - registry.unbounded_metrics():
         summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
         summary[f"{metric}_ci95_high"] = summary[f"{metric}_ci95_high"].clip(upper=1.0)
     return summary
 
 
-def forward_correction_effects(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment run both ways: forward correction minus none, run by run on the same seed (paired), summarized
-    as forward_minus_none_M_<statistic> for M in DELTA_METRICS."""
-    ok = runs[runs["status"] == "ok"]
-    twins = [f for f in GROUP_FIELDS if f != "loss_correction"]
-    pairs = ok[ok["loss_correction"] == "none"].merge(ok[ok["loss_correction"] == "forward"], on=twins + ["seed"],
-                                                      suffixes=("_none", "_forward"))
-    effects = {f"forward_minus_none_{m}": pairs[f"{m}_forward"] - pairs[f"{m}_none"] for m in DELTA_METRICS}
-    return summarize(pairs[twins].assign(**effects), twins, list(effects))
+LOSS_FIELDS = ["loss", "loss_settings"]
+
+
+def loss_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each loss other than ce minus ce with the same settings, run by run on the same seed (paired), summarized
+    as minus_ce_M_<statistic> for M in DELTA_METRICS, per experiment of that loss."""
+    ok = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])
+    twins = [f for f in GROUP_FIELDS if f not in LOSS_FIELDS]
+    pairs = ok[ok["loss"] != "ce"].merge(ok[ok["loss"] == "ce"].drop(columns=LOSS_FIELDS), on=twins + ["seed"],
+                                         suffixes=("", "_ce"))
+    effects = {f"minus_ce_{m}": pairs[m] - pairs[f"{m}_ce"] for m in DELTA_METRICS}
+    return summarize(pairs[GROUP_FIELDS].assign(**effects), GROUP_FIELDS, list(effects))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,18 +228,19 @@ def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Ta
 
 def history_table(records: list[dict]) -> pd.DataFrame:
     """Per-epoch metrics in long form: one row per (run, epoch)."""
+    metrics = registry.per_epoch_metrics()
     rows = [{**{k: record[k] for k in RUN_KEYS}, "epoch": epoch + 1,
-             **{m: record[f"history_{m}"][epoch] for m in nm.HISTORY_METRICS if f"history_{m}" in record}}
+             **{m: record[f"history_{m}"][epoch] for m in metrics if f"history_{m}" in record}}
             for record in records if record["status"] == "ok"
             for epoch in range(len(record["history_test_loss"]))]
-    return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + nm.HISTORY_METRICS)
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["epoch"] + metrics)
 
 
 def reliability_table(records: list[dict]) -> pd.DataFrame:
-    """Reliability-diagram bins of every run's final model on the clean test set, long form."""
+    """Reliability-diagram bins of every run's model on the clean test set after each reported length, long form."""
     fields = ["count", "confidence", "accuracy"]
     rows = [{**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
-            for record in records if record["status"] == "ok" for b in range(ECE_BINS)]
+            for record in by_length(records) if record["status"] == "ok" for b in range(ECE_BINS)]
     return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + fields)
 
 
@@ -245,11 +269,13 @@ def read_results(output_dir: str | Path) -> Results:
     """Read the CSVs of an output directory (also while its campaign is still running)."""
     output_dir = Path(output_dir)
     runs = read_csv(output_dir / PER_RUN_CSV)
-    config = runs[runs["status"] == "ok"][["run_id", *GROUP_FIELDS]]
-    history, reliability = (read_csv(output_dir / name).drop(columns=GROUP_FIELDS, errors="ignore")
-                            .merge(config, on="run_id") for name in (HISTORY_CSV, RELIABILITY_CSV))
+    config = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])[["run_id", *GROUP_FIELDS]]
+    longest = config[config["epochs"] == config.groupby("run_id")["epochs"].transform("max")]
+    history = read_csv(output_dir / HISTORY_CSV).drop(columns=GROUP_FIELDS, errors="ignore").merge(longest, on="run_id")
+    reliability = (read_csv(output_dir / RELIABILITY_CSV).drop(columns=[f for f in GROUP_FIELDS if f != "epochs"], errors="ignore")
+                   .merge(config, on=["run_id", "epochs"]))
     return Results(runs=runs, summary=read_csv(output_dir / SUMMARY_CSV),
-                   curves=summarize(history, GROUP_FIELDS + ["epoch"], nm.HISTORY_METRICS),
+                   curves=summarize(history, GROUP_FIELDS + ["epoch"], registry.per_epoch_metrics()),
                    reliability=pool_reliability(reliability))
 
 
@@ -257,7 +283,7 @@ def read_csv(path: Path) -> pd.DataFrame:
     """A CSV of this module, run ids read as text so that every table agrees on their type."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
-    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str})
+    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str})
 
 
 def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Run a noise-robustness campaign: a grid of training runs fanned out over CPU workers.
 
-Edit the config block below, or override any of its names on the command line:
-    python run_experiments.py --ps 0,0.5 --noise_types label_flip,pixel_uniform --repeats 3
+Edit the config block below, or override any of its names on the command line. A run setting given as a
+list is a grid axis: the grid is the product of all the lists.
+    python run_experiments.py --ps 0,0.5 --noise_types label_flip,pixel_uniform --learning_rate 1e-3,1e-2
     python run_experiments.py --smoke          # tiny grid, well under a minute
     python run_experiments.py --dry-run        # the grid's size and an estimate, run nothing
 Finished runs are stored one file each under OUTPUT_DIR/runs/ the moment they finish; running
@@ -15,21 +16,22 @@ activations = ["relu", "tanh", "sigmoid"]  # relu | tanh | sigmoid | leaky_relu 
 model_types = ["mlp"]                    # mlp (784 -> hidden_sizes -> 10) | cnn (two conv blocks, 128 dense)
 noise_types = ["label_uniform", "label_flip", "pixel_uniform", "pixel_empirical"]  # also label_pairflip, label_matrix
 noise_matrix = None                      # K x K row-stochastic M for label_matrix (T = (1-p) I + p M): nested list, JSON or a .json path
-loss_corrections = ["none"]              # none | forward (Patrini et al., label noise only); both = a paired comparison
+losses = ["ce"]                          # training losses (docs/losses.md); several = a paired comparison on the same seeds
+loss_settings = {}                       # hyper-parameters by loss, e.g. {"gce": {"q": [0.5, 0.7]}} (a list: an axis); defaults: docs/losses.md
 validation_fraction = 0.0                # in [0, 0.5]; e.g. 0.1 holds out noisy training data to pick the epoch
-ps = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # noise levels, each in [0, 1]
+ps = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # noise levels, each in [0, 1]; p = 0 is one clean run shared by every noise type
 extra_label_ps = [0.95, 1.0]             # further noise levels for the label noise types only
 repeats = 5                              # runs per grid point; repeat r has the same seeds at every p (paired)
 target_ci95 = None                       # e.g. 0.005: repeats until the 95% CI of mean test accuracy is +-0.005 (repeats = the minimum, >= 3)
 max_repeats = 50                         # with target_ci95: the most repeats a grid point gets
-epochs = 10                              # training epochs per run
+epochs = 10                              # training epochs per run; a list trains once, for the longest, and reports each
 batch_size = 128                         # training batch size
 optimizer = "adam"                       # adam | sgd (momentum 0.9)
 learning_rate = 1e-3                     # step size, > 0
 weight_decay = 0.0                       # L2 penalty, >= 0
-hidden_sizes = [256, 128]                # MLP hidden layer widths
+hidden_sizes = [256, 128]                # MLP hidden layer widths; a list of lists is an axis, e.g. [[256, 128], [64]]
 normalize = True                         # standardize pixels (after the noise) with the dataset's mean and std
-max_train_samples = None                 # None = the full training set; a number N = its first N examples
+max_train_samples = None                 # None = the full training set; N = its first N examples
 seed = 0                                 # campaign seed; repeat r's seed derives from (seed, r)
 max_workers = None                       # worker processes; None = CPU count // cpu_threads_per_worker
 cpu_threads_per_worker = 1               # torch threads per worker
@@ -53,6 +55,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly; main
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import argparse
+import ast
 import dataclasses
 from collections import deque
 import hashlib
@@ -72,7 +75,9 @@ from pathlib import Path
 import executors
 import metrics
 import nnet_models as nm
+import registry
 import results_store as rs
+from losses import LOSSES
 
 MAX_GRID_SIZE = 1_000_000
 CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often
@@ -85,7 +90,7 @@ class RunSpec:
     """One cell of the grid: a training config and its place in the campaign."""
     run_id: str
     repeat: int
-    config: nm.TrainConfig
+    config: registry.TrainConfig
 
 
 class ConfigError(ValueError):
@@ -93,23 +98,47 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------- command line
-def parse_value(text: str, default):
-    """A command-line value, parsed by the type of the config block's default."""
-    if isinstance(default, str):  # paths and names stay text, even "123"
+# The run settings that may be grid axes (a list of values), with the TrainConfig field each one sets.
+AXES = {"datasets": "dataset", "model_types": "model_type", "activations": "activation", "noise_types": "noise_type",
+        "ps": "p", "losses": "loss", "optimizer": "optimizer", "learning_rate": "learning_rate",
+        "weight_decay": "weight_decay", "batch_size": "batch_size", "epochs": "epochs", "normalize": "normalize",
+        "precision": "precision", "validation_fraction": "validation_fraction", "hidden_sizes": "hidden_sizes",
+        "max_train_samples": "max_train_samples"}
+TEXT_NAMES = {"noise_matrix", "dask_scheduler"}  # taken as text though their default is None
+WORDS = {"none": None, "null": None, "true": True, "yes": True, "false": False, "no": False}
+
+
+def literal(text: str):
+    """A Python or JSON literal (none, true and false in any case); text that is none stays text."""
+    text = text.strip()
+    if text.lower() in WORDS:
+        return WORDS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
-    if isinstance(default, list):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        return items if default and isinstance(default[0], str) else [parse_value(i, None) for i in items]
-    lowered = text.strip().lower()
-    words = {"none": None, "null": None, "true": True, "yes": True, "false": False, "no": False}
-    if lowered in words:
-        return words[lowered]
-    for number_type in (int, float):
-        try:
-            return number_type(text)
-        except ValueError:
-            pass
-    return text.strip()
+
+
+def parse_value(name: str, text: str, default):
+    """A command-line value, typed by the config block: text for names and paths; otherwise literals, and for a
+    grid axis or a list a comma-separated list of them, or a bracketed list (hidden_sizes '[[256,128],[64]]')."""
+    if name in TEXT_NAMES or isinstance(default, str) and name not in AXES:
+        return text
+    if name not in AXES and not isinstance(default, list):
+        return literal(text)
+    if text.strip().startswith("["):
+        return literal(text)
+    items = [literal(item) for item in text.split(",") if item.strip()]
+    one_value = name != "hidden_sizes" and not isinstance(default, list) and len(items) == 1
+    return items[0] if one_value else items
+
+
+def axis_values(config: dict, name: str) -> list:
+    """The values of a grid axis: a list, or one value (hidden_sizes: one list of widths, or a list of lists)."""
+    value = config[name]
+    if name == "hidden_sizes":
+        return value if value and all(isinstance(v, list) for v in value) else [value]
+    return value if isinstance(value, list) else [value]
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -117,9 +146,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     block = Path(__file__).read_text().split("# =====")[1]  # the comment after each config name: its flag's help
     comments = dict(re.findall(r"^(\w+) = .*?#\s*(.+)$", block, flags=re.MULTILINE))
     for name, default in defaults.items():
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        shown = json.dumps(default) if isinstance(default, list) else default
+        axis = " [a grid axis: give a list]" if name in AXES else ""
         parser.add_argument(*sorted({f"--{name}", f"--{name.replace('_', '-')}"}), dest=name, metavar="VALUE",
-                            help=f"{comments.get(name, '')} (default: {shown})".replace("%", "%%"))
+                            help=f"{comments.get(name, '')}{axis} (default: {shown})".replace("%", "%%"))
     parser.add_argument("--smoke", action="store_true", help="tiny grid on 2000 samples, 1 epoch, into results/smoke")
     parser.add_argument("--dry-run", "--dry_run", action="store_true",
                         help="print the grid's size and an estimated wall time and memory, run nothing")
@@ -135,7 +165,7 @@ def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     defaults = {name: globals()[name] for name in CONFIG_NAMES}
     args = build_parser(defaults).parse_args(argv)
     config = {**defaults, **(SMOKE_PRESET if args.smoke else {})}
-    config.update({name: parse_value(getattr(args, name), defaults[name])
+    config.update({name: parse_value(name, getattr(args, name), defaults[name])
                    for name in CONFIG_NAMES if getattr(args, name) is not None})
     return config, args
 
@@ -145,46 +175,50 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-CHOICES = {"datasets": nm.DATASETS, "activations": nm.ACTIVATIONS, "model_types": nm.MODEL_TYPES,
-           "noise_types": nm.NOISE_TYPES, "loss_corrections": nm.LOSS_CORRECTIONS}
-SCALAR_CHOICES = {"optimizer": nm.OPTIMIZERS, "precision": nm.PRECISIONS, "executor": ("local", "dask")}
-RULES = {  # name: (check, what is allowed)
-    **{name: (lambda v: type(v) is int and v >= 1, "an integer >= 1")
+def one_of(options) -> tuple:
+    return (lambda v: v in options, f"one of: {', '.join(options)}")
+
+
+def integer_at_least_1(v) -> bool:
+    return type(v) is int and v >= 1
+
+
+# name: (check of one value, what is allowed); a grid axis's check applies to each of its values
+RULES = {
+    "datasets": one_of(registry.DATASETS), "model_types": one_of(registry.MODEL_TYPES),
+    "activations": one_of(registry.ACTIVATIONS), "noise_types": one_of(registry.NOISY_TYPES),
+    "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
+    "precision": one_of(registry.PRECISIONS), "executor": one_of(("local", "dask")),
+    **{name: (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in ("ps", "extra_label_ps")},
+    **{name: (integer_at_least_1, "an integer >= 1")
        for name in ("repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts", "max_repeats")},
     "target_ci95": (lambda v: v is None or is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
-    "max_workers": (lambda v: v is None or type(v) is int and v >= 1, "an integer >= 1 or None"),
-    "max_train_samples": (lambda v: v is None or type(v) is int and v >= 1, "an integer >= 1 or None"),
+    "max_workers": (lambda v: v is None or integer_at_least_1(v), "an integer >= 1 or None"),
+    "max_train_samples": (lambda v: v is None or integer_at_least_1(v), "an integer >= 1 or None"),
     "seed": (lambda v: type(v) is int, "an integer"),
     "learning_rate": (lambda v: is_number(v) and v > 0, "a number > 0"),
     "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "validation_fraction": (lambda v: is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
-    "hidden_sizes": (lambda v: isinstance(v, list) and all(type(h) is int and h >= 1 for h in v),
-                     "a list of integers >= 1"),
+    "hidden_sizes": (lambda v: isinstance(v, list) and all(integer_at_least_1(h) for h in v),
+                     "a list of integers >= 1 (a list of such lists for several)"),
     **{name: (lambda v: isinstance(v, bool), "true or false")
        for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
+    **{name: (lambda v: isinstance(v, str) and v.strip(), "a non-empty path") for name in ("output_dir", "data_dir")},
 }
+LIST_NAMES = ("ps", "extra_label_ps")  # lists that are not axes of their own
 
 
 def config_errors(config: dict) -> list[str]:
     """Every problem with the config's values, each naming the bad value and what is allowed."""
     errors = []
-    for name, allowed in CHOICES.items():
-        if not config[name]:
-            errors.append(f"{name} is empty; give at least one of: {', '.join(allowed)}")
-        errors += [f"{name}: {v!r} is not one of: {', '.join(allowed)}" for v in config[name] if v not in allowed]
-    errors += [f"{name}: {config[name]!r} is not one of: {', '.join(allowed)}"
-               for name, allowed in SCALAR_CHOICES.items() if config[name] not in allowed]
-    errors += [f"{name}: {config[name]!r} is not {allowed}"
-               for name, (check, allowed) in RULES.items() if not check(config[name])]
-    errors += [f"{name}: {value!r} appears more than once; give each value once"
-               for name in [*CHOICES, "ps", "extra_label_ps"] if isinstance(config[name], list)
-               for value in {v for v in config[name] if config[name].count(v) > 1}]
-    errors += [f"{name}: {config[name]!r} is not a non-empty path" for name in ("output_dir", "data_dir")
-               if not (isinstance(config[name], str) and config[name].strip())]
-    if not config["ps"]:
-        errors.append("ps is empty; give at least one noise level in [0, 1]")
-    errors += [f"{name}: {p!r} is not a number in [0, 1]" for name in ("ps", "extra_label_ps")
-               for p in config[name] if not (is_number(p) and 0 <= p <= 1)]
+    for name, (check, allowed) in RULES.items():
+        values = axis_values(config, name) if name in AXES or name in LIST_NAMES else [config[name]]
+        if not values and name != "extra_label_ps":
+            errors.append(f"{name} is empty; give at least one value: {allowed}")
+        errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
+        errors += [f"{name}: {v!r} appears more than once; give each value once"
+                   for v in dict.fromkeys(map(repr, values)) if list(map(repr, values)).count(v) > 1]
+    errors += loss_settings_errors(config["loss_settings"], config["losses"])
     if errors:  # the checks below build on valid values
         return errors
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
@@ -196,7 +230,7 @@ def config_errors(config: dict) -> list[str]:
     elif "label_matrix" in config["noise_types"]:
         try:
             parse_noise_matrix(config["noise_matrix"])
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RecursionError) as exc:
             errors.append(f"noise_matrix: {str(config['noise_matrix'])[:80]!r} is not a K x K row-stochastic "
                           f"matrix (nested list, JSON text or a .json file): {exc}")
     return errors + placement_errors(config)
@@ -234,17 +268,34 @@ def validate(config: dict) -> None:
             errors.append(f"output_dir: {config['output_dir']!r} is not writable "
                           f"(no write permission on {existing})")
         # the data files decode and hold enough examples (decoded once: the forked workers share this copy)
-        for dataset in config["datasets"] if config["executor"] == "local" else []:  # else the workers' data
+        for dataset in axis_values(config, "datasets") if config["executor"] == "local" else []:  # Dask: the workers' own
             try:
                 n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
             except (nm.DataNotFoundError, nm.DataFileError) as exc:
                 errors.append(f"data_dir: {exc}")
                 continue
-            if (config["max_train_samples"] or 0) > n_train:
-                errors.append(f"max_train_samples: {config['max_train_samples']} is more than the {n_train} "
-                              f"training examples of {dataset}; give at most {n_train}, or None for all")
+            errors += [f"max_train_samples: {n} is more than the {n_train} training examples of {dataset}; give at "
+                       f"most {n_train}, or None for all" for n in axis_values(config, "max_train_samples")
+                       if (n or 0) > n_train]
     if errors:
         raise ConfigError(errors)
+
+
+def loss_settings_errors(settings, losses) -> list[str]:
+    """Problems with loss_settings: each key a loss of the grid, each setting one of that loss's, numbers."""
+    if not isinstance(settings, dict):
+        return [f"loss_settings: {settings!r} is not a dict of settings by loss, e.g. {{'gce': {{'q': 0.7}}}}"]
+    errors = []
+    for loss, values in settings.items():
+        allowed = ", ".join(LOSSES[loss].settings) if loss in LOSSES else ""
+        if loss not in axis_values({"losses": losses}, "losses"):
+            errors.append(f"loss_settings: {loss!r} is not one of the grid's losses: {', '.join(map(str, losses))}")
+        elif not isinstance(values, dict) or not set(values) <= set(LOSSES[loss].settings):
+            errors.append(f"loss_settings: {values!r} of {loss} is not a dict of its settings: {allowed or 'none'}")
+        else:
+            errors += [f"loss_settings: {loss} {name}={v!r} is not a number" for name, value in values.items()
+                       for v in (value if isinstance(value, list) else [value]) if not is_number(v)]
+    return errors
 
 
 def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...]:
@@ -256,8 +307,7 @@ def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...]:
             value = json.loads(Path(value).read_text())
         else:
             raise ValueError(f"{value!r} is neither JSON text (a list of rows) nor an existing .json file")
-    nm.check_noise_matrix(value)
-    return tuple(tuple(float(x) for x in row) for row in value)
+    return tuple(tuple(float(x) for x in row) for row in registry.check_noise_matrix(value))
 
 
 # ---------------------------------------------------------------- grid
@@ -266,46 +316,66 @@ def repeat_seed(campaign_seed: int, repeat: int) -> int:
     return nm.stream_seed(campaign_seed, f"repeat/{repeat}") % 2**31
 
 
-def run_key(cfg: nm.TrainConfig) -> str:
+def run_key(cfg: registry.TrainConfig) -> str:
     """A stable id from every field that affects the run's result (threads and paths do not)."""
     fields = {k: rs.csv_value(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("cpu_threads", "data_dir")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def noise_points(noise_type: str, config: dict) -> list[tuple[str, float]]:
-    """(loss correction, p) pairs of a noise type: corrections vary for label noise only (pixel noise: T = I)."""
-    label_noise = noise_type in nm.LABEL_NOISE_TYPES
-    ps = sorted({float(p) for p in config["ps"] + (config["extra_label_ps"] if label_noise else [])})
-    return list(itertools.product(config["loss_corrections"] if label_noise else ["none"], ps))
+def noise_ps(noise_type: str, config: dict) -> list[float]:
+    """The noise levels of a noise type: ps, and extra_label_ps for label noise."""
+    label_noise = registry.NOISE_TYPES[noise_type].kind == "label"
+    return sorted({float(p) for p in config["ps"] + (config["extra_label_ps"] if label_noise else [])})
+
+
+def noise_points(config: dict) -> list[tuple[str, float]]:
+    """(noise type, p) of the grid: one clean point (p = 0) for all noise types, then each type's p > 0."""
+    clean = [(registry.CLEAN, 0.0)] if any(0 in noise_ps(t, config) for t in axis_values(config, "noise_types")) else []
+    return clean + [(t, p) for t in axis_values(config, "noise_types") for p in noise_ps(t, config) if p > 0]
+
+
+def loss_variants(config: dict) -> list[tuple[str, tuple[tuple[str, float], ...]]]:
+    """(loss, its settings) of the grid: each loss with every combination of its settings' values."""
+    variants = []
+    for loss in axis_values(config, "losses"):
+        given = config["loss_settings"].get(loss, {})
+        names = sorted(LOSSES[loss].settings)
+        values = [axis_values(given, name) if name in given else [LOSSES[loss].settings[name]] for name in names]
+        variants += [(loss, tuple(zip(names, map(float, combination)))) for combination in itertools.product(*values)]
+    return variants
+
+
+TRAINING_AXES = [name for name in AXES if name not in ("noise_types", "ps", "losses", "epochs")]
 
 
 def grid_size(config: dict) -> int:
     """The number of runs build_grid would make, counted without making them."""
-    return (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"]) * config["repeats"]
-            * sum(len(noise_points(noise_type, config)) for noise_type in config["noise_types"]))
+    return (math.prod(len(axis_values(config, name)) for name in TRAINING_AXES) * len(loss_variants(config))
+            * len(noise_points(config)) * config["repeats"])
 
 
 def build_grid(config: dict) -> list[RunSpec]:
-    """datasets x model_types x activations x noise_types x noise_points x repeats."""
-    shared = dict(
-        hidden_sizes=tuple(config["hidden_sizes"]), epochs=config["epochs"], batch_size=config["batch_size"],
-        optimizer=config["optimizer"], learning_rate=float(config["learning_rate"]), normalize=config["normalize"],
-        weight_decay=float(config["weight_decay"]), validation_fraction=float(config["validation_fraction"]),
-        cpu_threads=config["cpu_threads_per_worker"], max_train_samples=config["max_train_samples"],
-        data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"], precision=config["precision"])
+    """The product of every axis, noise points and repeats. A list of epochs is one run of the longest that
+    reports the others (the learning rate is constant, so its results after fewer epochs are a shorter run's)."""
+    epochs = sorted(axis_values(config, "epochs"))
+    shared = dict(epochs=epochs[-1], reported_epochs=tuple(epochs[:-1]), cpu_threads=config["cpu_threads_per_worker"],
+                  data_dir=str(config["data_dir"]), use_cuda=config["use_cuda"])
     matrix = parse_noise_matrix(config["noise_matrix"]) if "label_matrix" in config["noise_types"] else None
     specs = []
-    for dataset, model_type, activation, noise_type in itertools.product(
-            config["datasets"], config["model_types"], config["activations"], config["noise_types"]):
-        for (correction, p), repeat in itertools.product(noise_points(noise_type, config), range(config["repeats"])):
-            point = nm.TrainConfig(
-                dataset=dataset, model_type=model_type, activation=activation, noise_type=noise_type, p=p,
-                loss_correction=correction, noise_matrix=matrix if noise_type == "label_matrix" else None, **shared)
-            specs.append(spec_for(point, repeat, config["seed"]))
+    for values in itertools.product(*(axis_values(config, name) for name in TRAINING_AXES)):
+        setting = {AXES[name]: value for name, value in zip(TRAINING_AXES, values)}
+        setting.update(hidden_sizes=tuple(setting["hidden_sizes"]), learning_rate=float(setting["learning_rate"]),
+                       weight_decay=float(setting["weight_decay"]),
+                       validation_fraction=float(setting["validation_fraction"]))
+        for (loss, loss_settings), (noise_type, p) in itertools.product(loss_variants(config), noise_points(config)):
+            point = registry.TrainConfig(**setting, **shared, loss=loss, loss_settings=loss_settings,
+                                         noise_type=noise_type, p=p,
+                                         noise_matrix=matrix if noise_type == "label_matrix" else None)
+            specs += [spec_for(point, repeat, config["seed"]) for repeat in range(config["repeats"])]
     return specs
 
 
-def spec_for(point: nm.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
+def spec_for(point: registry.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
     """Repeat `repeat` of a grid point (a config whose seed is not yet set)."""
     cfg = dataclasses.replace(point, seed=repeat_seed(campaign_seed, repeat))
     return RunSpec(run_key(cfg), repeat, cfg)
@@ -373,8 +443,8 @@ def move_aside(output_dir: Path) -> Path | None:
 
 
 def describe_run(record: dict) -> str:
-    correction = " +forward" if record.get("loss_correction") == "forward" else ""
-    head = (f"{record['model_type']}/{record['activation']} {record['noise_type']}{correction} "
+    loss = f" loss={record['loss']}" if record.get("loss") != "ce" else ""
+    head = (f"{record['model_type']}/{record['activation']} {record['noise_type']}{loss} "
             f"p={record['p']:.2f} r{record['repeat']}")
     if record["status"] != "ok":
         return f"[{record['status'].upper()}] {head}: {record['error']}"
@@ -423,7 +493,7 @@ class Campaign:
         self.csvs_written_at = -math.inf  # the first finished run is in the CSVs at once
         self.done, self.bar = 0, None
 
-    def more_repeats(self, point: nm.TrainConfig) -> list[RunSpec]:
+    def more_repeats(self, point: registry.TrainConfig) -> list[RunSpec]:
         """The runs `point` (seed 0) needs beyond those planned once its first stage is done, added to the specs."""
         if self.target is None:
             return []
@@ -513,7 +583,7 @@ def not_identifiable_note(specs: list[RunSpec]) -> str:
     """A line naming the grid points where forward correction's T is singular (checked before anything runs):
     their runs are recorded as not_identifiable, untrained, so that the rest of the grid still runs."""
     points = {(s.config.noise_type, s.config.p, s.config.noise_matrix): s.config for s in specs
-              if s.config.loss_correction == "forward"}
+              if s.config.loss == "forward"}
     singular = sorted({f"{t} p={p:g}" for (t, p, _), cfg in points.items() if nm.forward_correction_problem(cfg)})
     if not singular:
         return ""
@@ -614,7 +684,7 @@ def preflight_check(config: dict) -> int:
 
 
 # ---------------------------------------------------------------- dry run
-def calibrate(cfg: nm.TrainConfig) -> tuple[float, float]:
+def calibrate(cfg: registry.TrainConfig) -> tuple[float, float]:
     """(samples per second, other seconds per epoch) of a kind of run: the faster of two one-epoch runs."""
     one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024)
     nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))
@@ -644,14 +714,24 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+def grid_factors(config: dict) -> str:
+    """How the grid's size comes about, axis by axis."""
+    epochs = sorted(axis_values(config, "epochs"))
+    axes = [f"{len(axis_values(config, name))} {name}" for name in TRAINING_AXES if len(axis_values(config, name)) > 1]
+    points = noise_points(config)
+    clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
+    reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each" if len(epochs) > 1 else ""
+    return (" x ".join([*axes, f"{len(loss_variants(config))} losses", f"{len(points)} noise points{clean}",
+                        f"{config['repeats']} repeats"]) + reported)
+
+
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
     """The grid's size per factor and an estimated wall time and memory; the runs themselves on request."""
     import resource
     specs = build_grid(config)
     workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    factors = (f"{len(config[name])} {name}" for name in ("datasets", "model_types", "activations", "noise_types"))
-    print(f"{len(specs)} runs: {' x '.join(factors)} x p values x {config['repeats']} repeats; {workers} workers "
-          f"x {threads} threads; output_dir={config['output_dir']}")
+    print(f"{len(specs)} runs: {grid_factors(config)}; {workers} workers x {threads} threads; "
+          f"output_dir={config['output_dir']}")
     print("Calibrating: three short runs of each kind of run (a few seconds each)...", flush=True)
     nm.torch.set_num_threads(threads)
     seconds = estimate_seconds(specs)
@@ -670,8 +750,8 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
         print(note)
     for spec in specs if list_runs else []:
         cfg = spec.config
-        print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} "
-              f"p={cfg.p:.2f} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
+        print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
+              f"loss={cfg.loss} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
 
 
 def main(argv: list[str] | None = None) -> int:
