@@ -57,7 +57,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly; main
 import argparse
 import ast
 import dataclasses
-from collections import deque
+from collections import Counter, deque
 import hashlib
 import itertools
 import json
@@ -80,7 +80,8 @@ import results_store as rs
 from losses import LOSSES
 
 MAX_GRID_SIZE = 1_000_000
-CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often
+CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often ...
+CSV_REFRESH_SHARE = 0.05  # ... and less often where rewriting them would take more than this share of a core
 SMOKE_PRESET = {"activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
                 "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke"}
 
@@ -479,6 +480,7 @@ class Campaign:
         self.lock = lock_output_dir(self.output_dir)
         self.store = rs.RunStore(self.output_dir)
         self.records = self.store.load()
+        self.statuses = Counter(self.status(spec.run_id) for spec in self.specs)
         self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
                        if config["target_ci95"] is not None else None)
         # repeats per grid point: the config's `repeats`, or as many as a precision target's first stage asks for
@@ -490,7 +492,7 @@ class Campaign:
                          "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
                          "workers": resolved_workers(config), "started_at": now(), "finished_at": None}
         self.log_file = open(self.output_dir / "campaign.log", "a", buffering=1)  # line-buffered: flushed per line
-        self.csvs_written_at = -math.inf  # the first finished run is in the CSVs at once
+        self.csvs_written_at, self.csv_interval = -math.inf, CSV_REFRESH_SECONDS  # the first run is in them at once
         self.done, self.bar = 0, None
 
     def more_repeats(self, point: registry.TrainConfig) -> list[RunSpec]:
@@ -505,6 +507,7 @@ class Campaign:
         more = [spec_for(point, r, seed) for r in range(self.planned[point], n)]
         self.planned[point] = max(self.planned[point], n)
         self.specs += more
+        self.statuses.update(self.status(spec.run_id) for spec in more)
         return more
 
     def say(self, message: str, error: bool = False) -> None:
@@ -516,10 +519,11 @@ class Campaign:
             print(message, file=stream, flush=True)
         self.log_file.write(f"{now()} {message}\n")
 
+    def status(self, run_id: str) -> str:
+        return self.records.get(run_id, {"status": "pending"})["status"]
+
     def write_metadata(self) -> None:
-        statuses = [self.records.get(s.run_id, {"status": "pending"})["status"] for s in self.specs]
-        counts = {"done": statuses.count("ok")}
-        counts.update((s, statuses.count(s)) for s in ("failed", "diverged", "not_identifiable", "pending"))
+        counts = {"done": self.statuses["ok"], **{s: self.statuses[s] for s in (*rs.STATUSES[1:], "pending")}}
         self.metadata.update(counts=counts, updated_at=now())
         rs.atomic_write_text(self.output_dir / rs.CAMPAIGN_JSON, json.dumps(self.metadata, indent=2, default=str))
 
@@ -527,10 +531,14 @@ class Campaign:
         """Store a finished run before anything is said about it; refresh the CSVs now and then."""
         record["attempts"] = record.get("attempts", 1) + self.records.get(record["run_id"], {}).get("attempts", 0)
         self.store.save(record)
+        self.statuses[self.status(record["run_id"])] -= 1
+        self.statuses[record["status"]] += 1
         self.records[record["run_id"]] = record
         self.write_metadata()
-        if time.monotonic() - self.csvs_written_at > CSV_REFRESH_SECONDS:  # the notebook can follow along
+        if time.monotonic() - self.csvs_written_at > self.csv_interval:  # the notebook can follow along
+            cpu_started = time.process_time()
             rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
+            self.csv_interval = max(CSV_REFRESH_SECONDS, (time.process_time() - cpu_started) / CSV_REFRESH_SHARE)
             self.csvs_written_at = time.monotonic()
         self.done += 1
         remaining = (time.monotonic() - self.started) / self.done * (self.bar.total - self.done)
