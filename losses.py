@@ -51,9 +51,12 @@ def forward_corrected(transition: torch.Tensor | None):
     return loss
 
 
-def forward_with_estimate(transition: torch.Tensor | None, percentile: float):
-    """forward_corrected with the estimated T; percentile is the anchor rule's, read by estimate_transition."""
+def forward_with_estimate(transition: torch.Tensor | None, percentile: float, estimate_epochs: float):
+    """forward_corrected with the estimated T; percentile and estimate_epochs are read by the training loop, which
+    trains a first model for estimate_epochs with cross-entropy and estimates T from it (estimate_transition)."""
     _check_percentile(percentile)
+    _require(estimate_epochs >= 1 and float(estimate_epochs).is_integer(),
+             f"forward_estimated's estimate_epochs must be a whole number >= 1, got {estimate_epochs:g}")
     return forward_corrected(transition)
 
 
@@ -97,7 +100,7 @@ LOSSES: dict[str, Loss] = {
     "forward": Loss("forward correction with the true T: -log (softmax(z) T)[y] (Patrini et al. 2017)", {},
                     forward_corrected, needs_label_noise=True),
     "forward_estimated": Loss("forward correction with T estimated from a first model trained on the noisy labels "
-                              "(Patrini et al. 2017)", {"percentile": 97.0}, forward_with_estimate,
+                              "(Patrini et al. 2017)", {"percentile": 97.0, "estimate_epochs": 5.0}, forward_with_estimate,
                               needs_label_noise=True),
     "gce": Loss("generalized cross-entropy (1 - p_y^q) / q (Zhang & Sabuncu 2018)", {"q": 0.7},
                 generalized_cross_entropy),

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
+import losses
 import registry
 from metrics import calibration_bins, classification_metrics, memorisation_metrics
 from registry import ACTIVATIONS, MODEL_TYPES, NOISE_TYPES, NUM_CLASSES, OPTIMIZERS, PRECISIONS, TrainConfig
@@ -290,12 +291,6 @@ class BatchSource:
         return grey_levels.mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
 
 
-def forward_corrected_loss(logits: torch.Tensor, noisy_labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
-    """Forward loss correction (Patrini et al. 2017): the noisy labels' cross-entropy under softmax(z) T."""
-    noisy_probs = torch.softmax(logits, 1) @ transition
-    return nn.functional.nll_loss(noisy_probs.clamp_min(1e-12).log(), noisy_labels)
-
-
 def forward_correction_problem(cfg: TrainConfig) -> str | None:
     """Why forward correction cannot recover this run's clean posterior, or None. With T singular (label_flip at
     p = (K-1)/K, label_uniform at p = 1, label_pairflip at 1/2) or badly conditioned, the noisy labels do not
@@ -308,14 +303,31 @@ def forward_correction_problem(cfg: TrainConfig) -> str | None:
     return None
 
 
-def training_loss(cfg: TrainConfig, device: torch.device):
-    """loss(logits, labels) of the run: cross-entropy, or forward-corrected with the run's true T."""
-    if cfg.loss == "ce":
-        return nn.functional.cross_entropy
-    if cfg.loss == "forward":
-        transition = transition_matrix(cfg, device)
-        return lambda logits, labels: forward_corrected_loss(logits, labels, transition)
-    raise ValueError(f"unknown loss {cfg.loss!r}")
+def training_loss(cfg: TrainConfig, run: RunData, device: torch.device) -> tuple:
+    """loss(logits, labels) of the run (losses.LOSSES), and what the record keeps of it: for forward_estimated,
+    the estimated T and its mean and largest absolute error against the true T."""
+    true_transition = transition_matrix(cfg, device)
+    if cfg.loss != "forward_estimated":
+        return losses.loss_function(cfg.loss, dict(cfg.loss_settings), true_transition), {}
+    estimate = estimated_transition(cfg, run, device)
+    error = (estimate - true_transition.double()).abs()
+    fields = {"estimated_transition": estimate.cpu().tolist(), "transition_error_mean": error.mean().item(),
+              "transition_error_max": error.max().item()}
+    return losses.loss_function(cfg.loss, dict(cfg.loss_settings), estimate.float()), fields
+
+
+def estimated_transition(cfg: TrainConfig, run: RunData, device: torch.device) -> torch.Tensor:
+    """forward_estimated's first stage: a model trained with cross-entropy for estimate_epochs, whose softmax
+    outputs on the training images give T by Patrini's anchor rule (docs/losses.md)."""
+    settings = dict(cfg.loss_settings)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
+    optimizer, order_generator = Optimizer(model, cfg), make_generator(cfg.seed, "data_order", device)
+    for _ in range(int(settings["estimate_epochs"])):
+        train_one_epoch(model, optimizer, run.source, run.labels, cfg.batch_size, order_generator, run.train_indices,
+                        precision=cfg.precision)
+    probabilities = torch.softmax(predict(model, run.source, run.train_indices).float(), 1)
+    return losses.estimate_transition(probabilities, settings["percentile"])
 
 
 def training_precision(precision: str, device: torch.device):
@@ -483,10 +495,10 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         raise RuntimeError("use_cuda=True but no CUDA device is available")
     device = torch.device("cuda" if cfg.use_cuda else "cpu")
     run = prepare_run(cfg, data or load_dataset(cfg.dataset, cfg.data_dir), device)
+    loss_fn, loss_fields = training_loss(cfg, run, device)
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
     optimizer = Optimizer(model, cfg)
-    loss_fn = training_loss(cfg, device)
     order_generator = make_generator(cfg.seed, "data_order", device)
     history, reported, train_seconds = defaultdict(list), {}, 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -505,6 +517,6 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
             reported[epoch] = {**results_at(model, cfg, run, history, test_logits), "train_seconds": train_seconds,
                                "seconds": time.perf_counter() - started}
     final = reported.pop(cfg.epochs)
-    return {**asdict(cfg), **final, "n_params": count_parameters(model),
+    return {**asdict(cfg), **final, **loss_fields, "n_params": count_parameters(model),
             **{f"history_{name}": values for name, values in history.items()},
             "reported": {str(epoch): results for epoch, results in reported.items()}}

@@ -51,7 +51,8 @@ def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
     """The rows plus `setting` (dataset · model · every varying field but those drawn `apart`) and `noise`."""
     setting = table["dataset"].astype(str) + " · " + table["model_type"].astype(str)
     for field in (f for f in OTHER_FIELDS if f not in apart and table[f].nunique(dropna=False) > 1):
-        setting = setting + f" · {field}=" + table[field].astype(str)
+        text = table[field].astype(object).where(table[field].notna(), "none").astype(str)
+        setting = setting + (" · " if field == "loss_settings" else f" · {field}=") + text
     matrices = sorted(table["noise_matrix"].dropna().unique())
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
     noise = [number.get(m, t) if t == "label_matrix" else t
@@ -230,9 +231,9 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     paired difference in accuracy, loss minus ce run by run on the same seed."""
     if summary["loss"].nunique() < 2 or not (summary["loss"] == "ce").any():
         return None
-    frame = experiments(summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left"), apart=rs.LOSS_FIELDS)
+    frame = experiments(summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left"), apart=rs.LOSS_FIELDS).copy()
     settings = frame["loss_settings"].fillna("")
-    frame["variant"] = frame["loss"] + (" " + settings).where(settings != "", "")
+    frame = frame.assign(variant=frame["loss"] + (" " + settings).where(settings != "", ""))
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
 
     def draw(ax, part, metric):

@@ -77,6 +77,7 @@ import metrics
 import nnet_models as nm
 import registry
 import results_store as rs
+import losses
 from losses import LOSSES
 
 MAX_GRID_SIZE = 1_000_000
@@ -219,8 +220,10 @@ def config_errors(config: dict) -> list[str]:
         errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
         errors += [f"{name}: {v!r} appears more than once; give each value once"
                    for v in dict.fromkeys(map(repr, values)) if list(map(repr, values)).count(v) > 1]
-    errors += loss_settings_errors(config["loss_settings"], config["losses"])
     if errors:  # the checks below build on valid values
+        return errors
+    errors += loss_settings_errors(config)
+    if errors:
         return errors
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
         errors.append(f"repeats: {config['repeats']} must be at least 3 and at most max_repeats "
@@ -282,21 +285,21 @@ def validate(config: dict) -> None:
         raise ConfigError(errors)
 
 
-def loss_settings_errors(settings, losses) -> list[str]:
-    """Problems with loss_settings: each key a loss of the grid, each setting one of that loss's, numbers."""
-    if not isinstance(settings, dict):
+def loss_settings_errors(config: dict) -> list[str]:
+    """Problems with loss_settings: a dict by loss of the grid, of that loss's settings, in their ranges."""
+    settings, grid_losses = config["loss_settings"], axis_values(config, "losses")
+    if not isinstance(settings, dict) or not all(isinstance(given, dict) for given in settings.values()):
         return [f"loss_settings: {settings!r} is not a dict of settings by loss, e.g. {{'gce': {{'q': 0.7}}}}"]
+    if unknown := [loss for loss in settings if loss not in grid_losses]:
+        return [f"loss_settings: {loss!r} is not one of the grid's losses: {', '.join(map(str, grid_losses))}"
+                for loss in unknown]
     errors = []
-    for loss, values in settings.items():
-        allowed = ", ".join(LOSSES[loss].settings) if loss in LOSSES else ""
-        if loss not in axis_values({"losses": losses}, "losses"):
-            errors.append(f"loss_settings: {loss!r} is not one of the grid's losses: {', '.join(map(str, losses))}")
-        elif not isinstance(values, dict) or not set(values) <= set(LOSSES[loss].settings):
-            errors.append(f"loss_settings: {values!r} of {loss} is not a dict of its settings: {allowed or 'none'}")
-        else:
-            errors += [f"loss_settings: {loss} {name}={v!r} is not a number" for name, value in values.items()
-                       for v in (value if isinstance(value, list) else [value]) if not is_number(v)]
-    return errors
+    for loss, variant in loss_variants(config):
+        try:
+            losses.loss_function(loss, dict(variant), nm.torch.eye(registry.NUM_CLASSES))
+        except ValueError as exc:
+            errors.append(f"loss_settings: {exc}")
+    return list(dict.fromkeys(errors))
 
 
 def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...]:
@@ -340,9 +343,9 @@ def loss_variants(config: dict) -> list[tuple[str, tuple[tuple[str, float], ...]
     variants = []
     for loss in axis_values(config, "losses"):
         given = config["loss_settings"].get(loss, {})
-        names = sorted(LOSSES[loss].settings)
+        names = sorted(set(LOSSES[loss].settings) | set(given))
         values = [axis_values(given, name) if name in given else [LOSSES[loss].settings[name]] for name in names]
-        variants += [(loss, tuple(zip(names, map(float, combination)))) for combination in itertools.product(*values)]
+        variants += [(loss, tuple(zip(names, combination))) for combination in itertools.product(*values)]
     return variants
 
 
@@ -369,7 +372,8 @@ def build_grid(config: dict) -> list[RunSpec]:
                        weight_decay=float(setting["weight_decay"]),
                        validation_fraction=float(setting["validation_fraction"]))
         for (loss, loss_settings), (noise_type, p) in itertools.product(loss_variants(config), noise_points(config)):
-            point = registry.TrainConfig(**setting, **shared, loss=loss, loss_settings=loss_settings,
+            settings = tuple((name, float(value)) for name, value in loss_settings)
+            point = registry.TrainConfig(**setting, **shared, loss=loss, loss_settings=settings,
                                          noise_type=noise_type, p=p,
                                          noise_matrix=matrix if noise_type == "label_matrix" else None)
             specs += [spec_for(point, repeat, config["seed"]) for repeat in range(config["repeats"])]
@@ -729,7 +733,7 @@ def grid_factors(config: dict) -> str:
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
     reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each" if len(epochs) > 1 else ""
-    return (" x ".join([*axes, f"{len(loss_variants(config))} losses", f"{len(points)} noise points{clean}",
+    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)", f"{len(points)} noise points{clean}",
                         f"{config['repeats']} repeats"]) + reported)
 
 
@@ -759,7 +763,7 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
     for spec in specs if list_runs else []:
         cfg = spec.config
         print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
-              f"loss={cfg.loss} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
+              f"loss={cfg.loss} {rs.csv_value(cfg.loss_settings)} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
 
 
 def main(argv: list[str] | None = None) -> int:
