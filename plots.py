@@ -108,11 +108,11 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
 
 
 def errorbar_line(ax, frame: pd.DataFrame, column: str, label: str, color: str, linestyle: str = "-") -> None:
-    """One experiment's `column` mean vs p, bars one standard error."""
-    frame = frame[frame[f"{column}_mean"].notna()].sort_values("p")
+    """One experiment's `column` mean vs p, bars one standard error; no line through a p without a value."""
+    frame = frame.sort_values("p")
     if frame["p"].duplicated().any():
         raise ValueError(f"line {label!r} would mix experiments: several rows per p")
-    if len(frame):
+    if frame[f"{column}_mean"].notna().any():
         ax.errorbar(frame["p"], frame[f"{column}_mean"], yerr=frame[f"{column}_stderr"], label=label, color=color,
                     linestyle=linestyle, marker="o", markersize=3, capsize=2, linewidth=1.3, elinewidth=0.9)
 
@@ -237,12 +237,17 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
 
     def draw(ax, part, metric):
+        ps = sorted(part["p"].unique())  # a loss without a run at some p gets a gap there
         for variant in variants:
+            line = part[part["variant"] == variant].set_index("p").reindex(ps).reset_index()
             line_color = "black" if variant == "ce" else f"C{variants.index(variant) - 1}"
-            errorbar_line(ax, part[part["variant"] == variant], metric, variant, line_color)
+            errorbar_line(ax, line, metric, variant, line_color)
         theory(ax, part, metric)
     panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss", PAIRED_LOSS)]
-              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"])]
+              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"])
+              if part["variant"].nunique() > 1]
+    if not panels:
+        return None
     return grid(panels, draw, "Losses vs cross-entropy (ce) on the same seeds" + OVER_SEEDS)
 
 

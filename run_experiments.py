@@ -82,7 +82,7 @@ from losses import LOSSES
 
 MAX_GRID_SIZE = 1_000_000
 CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often ...
-CSV_REFRESH_SHARE = 0.05  # ... and less often where rewriting them would take more than this share of a core
+CSV_REFRESH_SHARE = 0.03  # ... and less often where rewriting them would take more than this share of a core
 SMOKE_PRESET = {"activations": ["relu", "tanh"], "model_types": ["mlp"], "ps": [0.0, 0.5], "extra_label_ps": [],
                 "repeats": 2, "epochs": 1, "max_train_samples": 2000, "output_dir": "results/smoke"}
 
