@@ -435,6 +435,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def machine() -> dict:
+    """What a run's last digits depend on (docs/noise.md): the CPU, the library versions and the math kernels."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.MULTILINE)
+    build = nm.torch.__config__.show()
+    kernels = [line.strip("- ") for line in build.splitlines() if re.search(r"Math Kernel|MKL-DNN|oneDNN", line)]
+    return {"cpu": cpu[1].strip() if cpu else platform.processor(), "cpu_count": os.cpu_count(),
+            "cpu_capability": nm.torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "torch": nm.torch.__version__, "numpy": nm.np.__version__,
+            "blas": re.search(r"BLAS_INFO=(\w+)", build)[1] if "BLAS_INFO=" in build else None, "kernels": kernels}
+
+
 def move_aside(output_dir: Path) -> Path | None:
     """For --fresh: rename an existing output_dir to a timestamped sibling (never delete)."""
     if not output_dir.exists() or not any(output_dir.iterdir()):
@@ -491,9 +503,8 @@ class Campaign:
         self.planned = {dataclasses.replace(spec.config, seed=0): config["repeats"] for spec in specs}
         for point in list(self.planned):  # a resumed campaign continues to its target
             self.more_repeats(point)
-        versions = {"python": platform.python_version(), "torch": nm.torch.__version__, "numpy": nm.np.__version__}
-        self.metadata = {"config": config, "grid_size": len(self.specs), "versions": versions,
-                         "git_commit": git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        self.metadata = {"config": config, "grid_size": len(self.specs), "machine": machine(),
+                         "git_commit": git_commit(), "host": platform.node(),
                          "workers": resolved_workers(config), "started_at": now(), "finished_at": None}
         self.log_file = open(self.output_dir / "campaign.log", "a", buffering=1)  # line-buffered: flushed per line
         self.csvs_written_at, self.csv_interval = -math.inf, CSV_REFRESH_SECONDS  # the first run is in them at once
