@@ -19,6 +19,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import registry
 import results_store as rs
@@ -97,6 +98,8 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
             first_of.setdefault(metric, ax)
             draw(ax, frame, metric)
             ax.set(title=name, xlabel=xlabel, ylabel=LABELS.get(metric, metric))
+            if xlabel == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if metric in UNIT_RANGE:
                 ax.set_ylim(-0.02, 1.02)
     handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}
@@ -410,6 +413,8 @@ def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
 def loss_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Each loss minus ce, paired run by run on the same seed: means and 95% confidence intervals."""
     effects = rs.loss_effects(runs).set_index(EXPERIMENT + rs.LOSS_FIELDS)
+    if effects.empty:
+        return pd.DataFrame({"no losses other than ce with their ce twins in these results": []})
     statistics = {"mean": "mean", "ci95_low": "CI low", "ci95_high": "CI high"}
     parts = {f"{LABELS[m]}, loss − ce": effects[[f"minus_ce_{m}_{s}" for s in statistics]]
              .set_axis(list(statistics.values()), axis=1) for m in rs.DELTA_METRICS}

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import math
 import os
+import types as types_module
+import typing
 import warnings
 from pathlib import Path
 
@@ -38,6 +40,7 @@ STATISTICS = ("mean", "std", "stderr", "ci95_low", "ci95_high")
 PAIR_FIELDS = [name for name in GROUP_FIELDS if name not in ("p", "noise_type", "noise_matrix")]
 DELTA_METRICS = ["test_accuracy", "test_loss"]
 STATUSES = ("ok", "failed", "diverged", "not_identifiable")
+RELIABILITY_FIELDS = ["count", "confidence", "accuracy"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,8 +52,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
     try:
@@ -99,21 +104,57 @@ class RunStore:
         return records
 
 
+def stored_types(hint) -> tuple[type, ...]:
+    """The JSON types a record holds for a TrainConfig field of type `hint` (tuples as csv_value's text)."""
+    types = set()
+    for part in typing.get_args(hint) if isinstance(hint, types_module.UnionType) else (hint,):
+        origin = typing.get_origin(part) or part
+        types |= {str} if origin is tuple else {int, float} if part is float else {origin}
+    return tuple(types)
+
+
+RECORD_SCHEMA = {"run_id": (str,), "repeat": (int,), "status": (str,), "error": (str,), "attempts": (int,),
+                 **{name: stored_types(hint) for name, hint in typing.get_type_hints(registry.TrainConfig).items()}}
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_results(results: dict, epochs: int | None = None) -> None:
+    """Raise ValueError unless `results` (an ok record, or its results after a reported length) has every metric
+    it holds as a number, `epochs` numbers of history each, and full reliability bins."""
+    if bad := [m for m in ("test_accuracy", "test_loss", "seconds") if not is_number(results.get(m))]:
+        raise ValueError(f"its metrics {bad} are missing or not numbers")
+    if bad := [m for m in registry.METRICS if m in results and not (results[m] is None or is_number(results[m]))]:
+        raise ValueError(f"its metrics {bad} are not numbers")
+    history = [results[f"history_{m}"] for m in registry.METRICS if f"history_{m}" in results]
+    if epochs is not None and not (history and all(isinstance(h, list) and len(h) == epochs for h in history)):
+        raise ValueError(f"its history is missing or not {epochs} epochs long")
+    bins = results.get("reliability")
+    if not (isinstance(bins, dict) and all(len(bins.get(f) or []) == ECE_BINS for f in RELIABILITY_FIELDS)):
+        raise ValueError("its reliability bins are missing or incomplete")
+
+
 def check_record(record, run_id: str) -> None:
-    """Raise ValueError unless `record` is a complete run record of `run_id`."""
+    """Raise ValueError unless `record` is a complete, well-typed run record of `run_id`."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    if missing := {"run_id", "repeat", "status", *GROUP_FIELDS} - set(record):
+    if missing := set(RECORD_SCHEMA) - set(record):
         raise ValueError(f"missing fields {sorted(missing)}")
-    if record["run_id"] != run_id or record["status"] not in STATUSES or not isinstance(record["repeat"], int):
-        raise ValueError(f"run_id, repeat or status ({record['status']!r}) is not what a record of {run_id} holds")
+    if bad := [f"{name}={record[name]!r}" for name, types in RECORD_SCHEMA.items()
+               if not isinstance(record[name], types) or isinstance(record[name], bool) != (bool in types)]:
+        raise ValueError(f"wrongly typed fields: {', '.join(bad)[:200]}")
+    if record["run_id"] != run_id or record["status"] not in STATUSES or record["attempts"] < 1:
+        raise ValueError(f"run_id, status or attempts ({record['status']!r}, {record['attempts']}) is not what a "
+                         f"record of {run_id} holds")
     if record["status"] == "ok":
-        numbers = [record.get(m) for m in ("test_accuracy", "test_loss", "seconds", "train_seconds")]
-        history = record.get("history_test_loss")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-            raise ValueError("its metrics are missing or not numbers")
-        if not isinstance(history, list) or len(history) != record["epochs"] or "reliability" not in record:
-            raise ValueError("its history or reliability bins are missing or incomplete")
+        check_results(record, record["epochs"])
+        reported = record.get("reported", {})
+        if not isinstance(reported, dict) or not all(isinstance(r, dict) for r in reported.values()):
+            raise ValueError("its results after shorter lengths are not a dict of results")
+        for results in reported.values():
+            check_results(results)
 
 
 def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
@@ -238,7 +279,7 @@ def history_table(records: list[dict]) -> pd.DataFrame:
 
 def reliability_table(records: list[dict]) -> pd.DataFrame:
     """Reliability-diagram bins of every run's model on the clean test set after each reported length, long form."""
-    fields = ["count", "confidence", "accuracy"]
+    fields = RELIABILITY_FIELDS
     rows = [{**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
             for record in by_length(records) if record["status"] == "ok" for b in range(ECE_BINS)]
     return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + fields)
@@ -283,6 +324,9 @@ def read_csv(path: Path) -> pd.DataFrame:
     """A CSV of this module, run ids read as text so that every table agrees on their type."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
+    if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # written whole, a CSV ends with one
+        warnings.warn(f"{path} ends in the middle of a line: it is truncated. Rewrite it from the stored runs "
+                          "with the campaign's command (it runs nothing that is done)")
     return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str})
 
 

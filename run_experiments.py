@@ -56,6 +56,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly; main
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 from collections import Counter, deque
 import hashlib
@@ -77,8 +78,7 @@ import metrics
 import nnet_models as nm
 import registry
 import results_store as rs
-import losses
-from losses import LOSSES
+from losses import LOSSES, loss_function
 
 MAX_GRID_SIZE = 1_000_000
 CSV_REFRESH_SECONDS = 30  # during a campaign the CSVs are rewritten at most this often ...
@@ -228,6 +228,9 @@ def config_errors(config: dict) -> list[str]:
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
         errors.append(f"repeats: {config['repeats']} must be at least 3 and at most max_repeats "
                       f"({config['max_repeats']}) with target_ci95: it is then the minimum number of repeats")
+    if "label_matrix" not in axis_values(config, "noise_types") and config["noise_matrix"] is not None:
+        errors.append("noise_matrix is set but noise_types has no label_matrix, which is what uses it; add "
+                      "label_matrix to noise_types, or set noise_matrix = None")
     if "label_matrix" in config["noise_types"] and config["noise_matrix"] is None:
         errors.append("noise_types has label_matrix but noise_matrix is None; give a K x K "
                       "row-stochastic matrix (nested list, JSON text or a .json file)")
@@ -264,13 +267,7 @@ def validate(config: dict) -> None:
         errors.append(f"the grid has {grid_size(config):,} runs, more than {MAX_GRID_SIZE:,}; "
                       "fewer ps, repeats or other factors")
     if not errors:
-        path = Path(config["output_dir"]).resolve()  # can output_dir be written? checked without creating anything
-        existing = next(parent for parent in [path, *path.parents] if parent.exists())
-        if not existing.is_dir():
-            errors.append(f"output_dir: {config['output_dir']!r} is not a directory ({existing} is a file)")
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            errors.append(f"output_dir: {config['output_dir']!r} is not writable "
-                          f"(no write permission on {existing})")
+        errors += output_dir_errors(config["output_dir"])
         # the data files decode and hold enough examples (decoded once: the forked workers share this copy)
         for dataset in axis_values(config, "datasets") if config["executor"] == "local" else []:  # Dask: the workers' own
             try:
@@ -281,8 +278,26 @@ def validate(config: dict) -> None:
             errors += [f"max_train_samples: {n} is more than the {n_train} training examples of {dataset}; give at "
                        f"most {n_train}, or None for all" for n in axis_values(config, "max_train_samples")
                        if (n or 0) > n_train]
+            errors += [f"validation_fraction: {f} of {n or n_train} training examples holds out none; give at least "
+                       f"{1 / (n or n_train):.2g}, or 0 for no validation split"
+                       for f in axis_values(config, "validation_fraction") for n in axis_values(config, "max_train_samples")
+                       if f > 0 and round(f * min(n or n_train, n_train)) == 0]
     if errors:
         raise ConfigError(errors)
+
+
+def output_dir_errors(output_dir: str) -> list[str]:
+    """Can output_dir be written? Checked without creating anything."""
+    try:
+        path = Path(output_dir).resolve()
+        existing = next(parent for parent in [path, *path.parents] if parent.exists())
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+        return [f"output_dir: {output_dir[:100]!r} is not a usable path: {exc}"[:300]]
+    if not existing.is_dir():
+        return [f"output_dir: {output_dir!r} is not a directory ({existing} is a file)"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_dir: {output_dir!r} is not writable (no write permission on {existing})"]
+    return []
 
 
 def loss_settings_errors(config: dict) -> list[str]:
@@ -296,7 +311,7 @@ def loss_settings_errors(config: dict) -> list[str]:
     errors = []
     for loss, variant in loss_variants(config):
         try:
-            losses.loss_function(loss, dict(variant), nm.torch.eye(registry.NUM_CLASSES))
+            loss_function(loss, dict(variant), nm.torch.eye(registry.NUM_CLASSES))
         except ValueError as exc:
             errors.append(f"loss_settings: {exc}")
     return list(dict.fromkeys(errors))
@@ -354,8 +369,11 @@ TRAINING_AXES = [name for name in AXES if name not in ("noise_types", "ps", "los
 
 def grid_size(config: dict) -> int:
     """The number of runs build_grid would make, counted without making them."""
-    return (math.prod(len(axis_values(config, name)) for name in TRAINING_AXES) * len(loss_variants(config))
-            * len(noise_points(config)) * config["repeats"])
+    models = axis_values(config, "model_types")
+    architectures = models.count("mlp") * len(axis_values(config, "hidden_sizes")) + models.count("cnn")
+    others = [name for name in TRAINING_AXES if name not in ("model_types", "hidden_sizes")]
+    return (math.prod(len(axis_values(config, name)) for name in others) * architectures
+            * len(loss_variants(config)) * len(noise_points(config)) * config["repeats"])
 
 
 def build_grid(config: dict) -> list[RunSpec]:
@@ -368,7 +386,9 @@ def build_grid(config: dict) -> list[RunSpec]:
     specs = []
     for values in itertools.product(*(axis_values(config, name) for name in TRAINING_AXES)):
         setting = {AXES[name]: value for name, value in zip(TRAINING_AXES, values)}
-        setting.update(hidden_sizes=tuple(setting["hidden_sizes"]), learning_rate=float(setting["learning_rate"]),
+        cnn = setting["model_type"] == "cnn"  # its widths are fixed: hidden_sizes would only change its run id
+        setting.update(hidden_sizes=() if cnn else tuple(setting["hidden_sizes"]),
+                       learning_rate=float(setting["learning_rate"]),
                        weight_decay=float(setting["weight_decay"]),
                        validation_fraction=float(setting["validation_fraction"]))
         for (loss, loss_settings), (noise_type, p) in itertools.product(loss_variants(config), noise_points(config)):
@@ -377,7 +397,7 @@ def build_grid(config: dict) -> list[RunSpec]:
                                          noise_type=noise_type, p=p,
                                          noise_matrix=matrix if noise_type == "label_matrix" else None)
             specs += [spec_for(point, repeat, config["seed"]) for repeat in range(config["repeats"])]
-    return specs
+    return list({spec.run_id: spec for spec in specs}.values())  # a CNN's points at every hidden_sizes are one
 
 
 def spec_for(point: registry.TrainConfig, repeat: int, campaign_seed: int) -> RunSpec:
@@ -595,6 +615,8 @@ class Campaign:
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
         self.write_metadata()
+        if not finished:  # interrupted: the CSVs now, the figures with the next run or plots.py
+            return
         try:
             import plots
             plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
@@ -640,15 +662,30 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         not_rerun = f"{given_up} not to rerun (failed for good, diverged or not identifiable), "
         campaign.say(f"{len(specs)} runs in the grid, {done} already done, " + (not_rerun if given_up else "")
                      + f"{len(todo)} to run on {where}. Results: {campaign.output_dir}/")
-        ending = campaign.run(todo)
-        campaign.write_outputs(finished=ending == "finished")
-        return report_outcome(campaign, ending)
+        try:
+            ending = campaign.run(todo)
+        except KeyboardInterrupt:  # another Ctrl-C while the workers stop
+            ending = "interrupted"
+        with signals_ignored():
+            campaign.write_outputs(finished=ending == "finished")
+            return report_outcome(campaign, ending)
     except OSError as exc:  # disk full, read-only, runs/ gone: stop, keeping what is stored
         campaign.say(storage_error(exc), error=True)
         return 1
     finally:
         campaign.log_file.close()
         campaign.lock.close()
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Ctrl-C and SIGTERM ignored: once the runs have stopped, they would lose the closing lines, not time."""
+    previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def storage_error(exc: OSError) -> str:
@@ -774,7 +811,8 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
     for spec in specs if list_runs else []:
         cfg = spec.config
         print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
-              f"loss={cfg.loss} {rs.csv_value(cfg.loss_settings)} repeat={spec.repeat} seed={cfg.seed} epochs={cfg.epochs}")
+              f"loss={' '.join(filter(None, [cfg.loss, rs.csv_value(cfg.loss_settings)]))} repeat={spec.repeat} "
+              f"seed={cfg.seed} epochs={cfg.epochs}")
 
 
 def main(argv: list[str] | None = None) -> int:
