@@ -516,7 +516,7 @@ class Campaign:
         self.lock = lock_output_dir(self.output_dir)
         self.store = rs.RunStore(self.output_dir)
         self.records = self.store.load()
-        self.statuses = Counter(self.status(spec.run_id) for spec in self.specs)
+        self.recount()
         self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
                        if config["target_ci95"] is not None else None)
         # repeats per grid point: the config's `repeats`, or as many as a precision target's first stage asks for
@@ -556,6 +556,9 @@ class Campaign:
 
     def status(self, run_id: str) -> str:
         return self.records.get(run_id, {"status": "pending"})["status"]
+
+    def recount(self) -> None:
+        self.statuses = Counter(self.status(spec.run_id) for spec in self.specs)
 
     def write_metadata(self) -> None:
         counts = {"done": self.statuses["ok"], **{s: self.statuses[s] for s in (*rs.STATUSES[1:], "pending")}}
@@ -612,6 +615,7 @@ class Campaign:
         """The CSVs and headline figures, from the stored records (a signal may land between a save and its
         bookkeeping); plots.py draws every figure on request (docs/performance.md)."""
         self.records = self.store.load()
+        self.recount()
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
         self.write_metadata()
