@@ -195,8 +195,9 @@ class Target:
     `first_stage` to `max_repeats` runs. The rule looks at a point's first n repeats (n = first_stage, then as many
     as the last look planned) and stops or plans more, so a point's plan follows from its repeats in order alone.
     sequential: stop once t * s / sqrt(n) <= half_width (t: the `quantile` t quantile), reporting mean +- half_width;
-    else plan the n at which s would give a plain 95% interval within the target (at least one more). stein (two-stage): n = (t * s0 / half_width)^2 from the first stage's std s0,
-    reporting mean +- t * s0 / sqrt(n) (t: 97.5% at first_stage - 1 degrees of freedom). docs/statistics.md."""
+    else plan the n at which s would give a plain 95% interval within the target (at least one more). stein
+    (two-stage): n = (t * s0 / half_width)^2 from the first stage's std s0, reporting mean +- t * s0 / sqrt(n)
+    (t: the 97.5% quantile at first_stage - 1 degrees of freedom). See docs/statistics.md."""
     half_width: float
     first_stage: int
     max_repeats: int

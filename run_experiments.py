@@ -22,7 +22,7 @@ extra_label_ps = [0.95, 1.0]             # further noise levels for the label no
 repeats = 5                              # runs per grid point; repeat r has the same seeds at every p (paired)
 target_ci95 = None                       # e.g. 0.005: repeats until the 95% CI of mean test accuracy is +-0.005 (repeats = the minimum, >= 3)
 max_repeats = 50                         # with target_ci95: the most repeats a grid point gets
-precision_rule = "sequential"            # with target_ci95: sequential (runs in waves until it is met) | stein (two stages)
+precision_rule = "sequential"            # with target_ci95: sequential (waves of runs until met) | stein (two stages)
 epochs = 10                              # training epochs per run
 batch_size = 128                         # training batch size
 optimizer = "adam"                       # adam | sgd (momentum 0.9)
@@ -666,8 +666,8 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
     if config["target_ci95"] is not None:
         most = config["max_repeats"] / config["repeats"]
         print(f"With target_ci95 = {config['target_ci95']} ({config['precision_rule']} rule): from {len(specs)} runs "
-              f"({duration(wall)}) if every grid point meets it at once, to {round(len(specs) * most)} runs ({duration(wall * most)}) if every "
-              "one needs max_repeats.")
+              f"({duration(wall)}) if every grid point meets it at once, to {round(len(specs) * most)} runs "
+              f"({duration(wall * most)}) if every one needs max_repeats.")
     if note := not_identifiable_note(specs):
         print(note)
     for spec in specs if list_runs else []:
