@@ -5,6 +5,7 @@ never sees a torn record. The CSVs are derived from those records and can be rew
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import typing
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy.special import stdtrit
 
@@ -233,38 +235,102 @@ def loss_effects(runs: pd.DataFrame) -> pd.DataFrame:
     return summarize(pairs[GROUP_FIELDS].assign(**effects), GROUP_FIELDS, list(effects))
 
 
+PRECISION_RULES = ("sequential", "stein")
+# The sequential rule's stopping bound uses this t quantile instead of 97.5%: stopping where the spread is small by
+# chance would otherwise cover the mean too rarely. Chosen by simulation (docs/statistics.md).
+SEQUENTIAL_QUANTILE = 0.99
+
+
+def ok_values(values) -> np.ndarray:
+    """The values of the runs that ended ok: NaN marks the others."""
+    values = np.asarray(values, dtype=float)
+    return values[~np.isnan(values)]
+
+
+def t_times_std(values, quantile: float = 0.975) -> float:
+    """The `quantile` t quantile at n - 1 degrees of freedom times the sample std of the n values: a half-width at
+    one run; NaN under two values."""
+    return float(stdtrit(len(values) - 1, quantile) * np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Repeats per experiment for a 95% CI of mean test accuracy at most `half_width` wide on each side (Stein's
-    two-stage rule): the first `first_stage` repeats' spread s0 sets n = (t * s0 / half_width)^2, at most
-    `max_repeats`, and the interval mean(all n) +- t * s0 / sqrt(n), t the 97.5% t quantile at first_stage - 1
-    degrees of freedom. A plain t interval with n chosen from the data covers under 95% (docs/statistics.md)."""
+    """Repeats per experiment for a 95% CI of mean test accuracy at most `half_width` wide on each side, from
+    `first_stage` to `max_repeats` runs. The rule looks at a point's first n repeats (n = first_stage, then as many
+    as the last look planned) and stops or plans more, so a point's plan follows from its repeats in order alone.
+    sequential: stop once t * s / sqrt(n) <= half_width (t: the `quantile` t quantile), reporting mean +- half_width;
+    else plan the n at which s would give a plain 95% interval within the target (at least one more). stein
+    (two-stage): n = (t * s0 / half_width)^2 from the first stage's std s0, reporting mean +- t * s0 / sqrt(n)
+    (t: the 97.5% quantile at first_stage - 1 degrees of freedom). See docs/statistics.md."""
     half_width: float
     first_stage: int
     max_repeats: int
+    rule: str = "sequential"
+    quantile: float = SEQUENTIAL_QUANTILE
 
-    def repeats(self, first_stage_values) -> int:
-        """The repeats an experiment needs, from the ok values of its first stage (under two: no more)."""
-        t_s0 = self.half_width_of(first_stage_values, 1)  # t * s0: the half width at n = 1
+    def repeats(self, values) -> int:
+        """The repeats planned for a point, from the test accuracies of its repeats 0, 1, ... in order as far as they
+        are stored (NaN: a run that did not end ok)."""
+        n = self.first_stage
+        while n <= len(values) and (more := self.next_look(values[:n])) > n:
+            n = more
+        return n
+
+    def next_look(self, values) -> int:
+        """At a look at a point's first n repeats: n to stop there, else the repeats to look at next."""
+        if self.rule == "stein":
+            return max(len(values), self.stein_repeats(values[:self.first_stage]))
+        if len(values) >= self.max_repeats or not self.bound(values) > self.half_width:  # NaN: no spread to go on
+            return len(values)
+        return max(len(values) + 1, self.implied_repeats(np.std(ok_values(values), ddof=1)))
+
+    def bound(self, values) -> float:
+        """The sequential rule's half-width: the `quantile` t quantile * s / sqrt(n) of the ok values."""
+        ok = ok_values(values)
+        return t_times_std(ok, self.quantile) / math.sqrt(len(ok))
+
+    def implied_repeats(self, std: float) -> int:
+        """The fewest repeats whose plain 95% interval, at sample std `std`, is within the target (at most
+        max_repeats): the next look, where the stricter bound may still ask for more."""
+        within = self.plain_half_widths_per_std * std <= self.half_width
+        return int(within.argmax()) + 2 if within.any() else self.max_repeats
+
+    @functools.cached_property
+    def plain_half_widths_per_std(self) -> np.ndarray:
+        """The plain 95% half-width per unit of sample std at n = 2, ..., max_repeats."""
+        n = np.arange(2, self.max_repeats + 1)
+        return stdtrit(n - 1, 0.975) / np.sqrt(n)
+
+    def stein_repeats(self, first_stage_values) -> int:
+        t_s0 = t_times_std(ok_values(first_stage_values))
         if math.isnan(t_s0):
             return self.first_stage
         return int(min(self.max_repeats, max(self.first_stage, math.ceil((t_s0 / self.half_width) ** 2))))
 
-    def half_width_of(self, first_stage_values, n: int) -> float:
-        """NaN with fewer than two values (no spread)."""
-        values = pd.Series(first_stage_values, dtype=float)
-        return stdtrit(values.count() - 1, 0.975) * values.std(ddof=1) / math.sqrt(n)
+    def interval(self, values) -> tuple[float, bool]:
+        """(half-width of the reported 95% interval, whether it is within the target), from the test accuracies of
+        a point's repeats in order (NaN: not ok). sequential: half_width where the rule stopped within the target,
+        else the plain t interval of all ok values; stein: t * s0 / sqrt(n), n the ok values."""
+        ok = ok_values(values)
+        if self.rule == "stein":
+            half = t_times_std(ok_values(values[:self.first_stage])) / math.sqrt(len(ok))
+            return half, half <= self.half_width
+        n = self.repeats(values)
+        if n <= len(values) and self.bound(values[:n]) <= self.half_width:
+            return self.half_width, True
+        return t_times_std(ok) / math.sqrt(len(ok)), False
 
 
 def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
-    """The summary with test accuracy's interval from `target`'s rule, and `target_met`."""
-    first = ok[ok["repeat"] < target.first_stage].groupby(GROUP_FIELDS, dropna=False, sort=True)["test_accuracy"]
-    first_values = first.apply(list).reindex(pd.MultiIndex.from_frame(summary[GROUP_FIELDS])).tolist()
-    half = pd.Series([target.half_width_of(v if isinstance(v, list) else [], n)
-                      for v, n in zip(first_values, summary["n"])], index=summary.index)
-    mean = summary["test_accuracy_mean"]
+    """The summary with test accuracy's interval from `target`'s rule, and `target_met`. A repeat that has no ok
+    run, before a point's last ok one, counts as a run that did not end ok."""
+    in_order = ok.groupby(GROUP_FIELDS, dropna=False, sort=True)[["repeat", "test_accuracy"]].apply(
+        lambda runs: runs.set_index("repeat")["test_accuracy"].reindex(range(runs["repeat"].max() + 1)).to_numpy())
+    values = in_order.reindex(pd.MultiIndex.from_frame(summary[GROUP_FIELDS]))
+    intervals = pd.DataFrame([target.interval(v) for v in values], index=summary.index, columns=["half", "met"])
+    half, mean = intervals["half"].astype(float), summary["test_accuracy_mean"]
     return summary.assign(test_accuracy_ci95_low=mean - half, test_accuracy_ci95_high=mean + half,
-                          target_met=half <= target.half_width)
+                          target_met=intervals["met"].astype(bool))
 
 
 def history_table(records: list[dict]) -> pd.DataFrame:

@@ -2,10 +2,12 @@
 
 For each spread of run-to-run noise seen in real campaigns (sample std 0.0005 to 0.08), it
 simulates many grid points whose metric draws have a known mean, chooses their repeats with
-results_store.Target (Stein's two-stage rule) and counts how often the reported interval covers
-the mean; for comparison, also the plain t interval over the same runs. Run from the
-repository root (about a minute):
-    .venv/bin/python benchmarks/coverage.py [--half_width 0.005] [--first_stage 5] [--points 4000]
+results_store.Target and counts how often the reported interval covers the mean, for each rule
+side by side: the sequential rule (the default) and Stein's two-stage rule; for comparison, the
+plain t interval over the runs of Stein's rule, and the plain sequential rule (stop as soon as the
+plain 95% interval is within the target, and report it).
+Run from the repository root (about a minute):
+    .venv/bin/python benchmarks/coverage.py [--first_stage 5] [--points 4000] [--quantile 0.99] [--stds 0.01,0.02]
 """
 from __future__ import annotations
 
@@ -15,32 +17,32 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import results_store as rs  # noqa: E402
 
 STDS = [0.0005, 0.002, 0.004, 0.006, 0.01, 0.02, 0.08]
 MEAN = 0.9
-SHAPES = {  # name: draw(rng, std, k), mean MEAN and sample std `std`
+SHAPES = {  # name: draw(rng, std, k), mean MEAN and sample std `std`; skewed: a long tail of bad runs
     "normal": lambda rng, std, k: rng.normal(MEAN, std, k),
     "skewed (skewness 0.5)": lambda rng, std, k: MEAN - std * (rng.gamma(16, 1, k) - 16) / 4,
     "skewed (skewness 1)": lambda rng, std, k: MEAN - std * (rng.gamma(4, 1, k) - 4) / 2,
 }
 
 
-def coverage(draw, target: rs.Target, points: int) -> tuple[float, float, float]:
-    """(coverage of the two-stage interval, of the plain t interval, mean repeats)."""
-    two_stage = plain = repeats = 0
+def simulate(draw, target: rs.Target, points: int) -> tuple[float, float, float]:
+    """(coverage of the interval the rule reports, of the plain t interval over the same runs, mean repeats) over
+    `points` simulated grid points; draw(k) gives k runs' values."""
+    covered = plain = repeats = 0
     for _ in range(points):
-        first = draw(target.first_stage)
-        n = target.repeats(first)
-        values = np.concatenate([first, draw(n - target.first_stage)])
+        values = draw(target.max_repeats)
+        n = target.repeats(values)
+        values = values[:n]
         error = abs(values.mean() - MEAN)
-        two_stage += error <= target.half_width_of(first, n)
-        plain += error <= stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
+        covered += error <= target.interval(values)[0]
+        plain += error <= rs.t_times_std(values) / math.sqrt(n)
         repeats += n
-    return two_stage / points, plain / points, repeats / points
+    return covered / points, plain / points, repeats / points
 
 
 def main() -> None:
@@ -49,17 +51,26 @@ def main() -> None:
     parser.add_argument("--first_stage", type=int, default=5)
     parser.add_argument("--max_repeats", type=int, default=50)
     parser.add_argument("--points", type=int, default=4000)
+    parser.add_argument("--quantile", type=float, default=rs.SEQUENTIAL_QUANTILE,
+                        help="the t quantile of the sequential rule's stopping bound")
+    parser.add_argument("--stds", default=",".join(map(str, STDS)), help="the spreads simulated, comma-separated")
     args = parser.parse_args()
-    target = rs.Target(args.half_width, args.first_stage, args.max_repeats)
+    sequential = rs.Target(args.half_width, args.first_stage, args.max_repeats, "sequential", args.quantile)
+    stein = rs.Target(args.half_width, args.first_stage, args.max_repeats, "stein")
+    plain_sequential = rs.Target(args.half_width, args.first_stage, args.max_repeats, "sequential", 0.975)
     rng = np.random.default_rng(0)
     print(f"target half-width {args.half_width}, first stage {args.first_stage}, max_repeats {args.max_repeats}, "
-          f"{args.points} simulated grid points per cell")
-    print("| draws | std | two-stage interval | plain t interval | mean repeats |")
-    print("|---|---|---|---|---|")
+          f"sequential bound at the {args.quantile} t quantile, {args.points} simulated grid points per cell")
+    print("| draws | std | sequential | its mean repeats | two-stage (Stein) | its mean repeats "
+          "| plain t interval at Stein's n | plain sequential rule |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, draw in SHAPES.items():
-        for std in STDS:
-            two_stage, plain, repeats = coverage(lambda k: draw(rng, std, k), target, args.points)
-            print(f"| {name} | {std} | {two_stage:.3f} | {plain:.3f} | {repeats:.1f} |")
+        for std in [float(s) for s in args.stds.split(",")]:
+            cells = [simulate(lambda k: draw(rng, std, k), target, args.points)
+                     for target in (sequential, stein, plain_sequential)]
+            (covered, _, repeats), (stein_covered, plain, stein_repeats), (_, plain_sequential_covered, _) = cells
+            print(f"| {name} | {std} | {covered:.3f} | {repeats:.1f} | {stein_covered:.3f} | {stein_repeats:.1f} "
+                  f"| {plain:.3f} | {plain_sequential_covered:.3f} |")
 
 
 if __name__ == "__main__":
