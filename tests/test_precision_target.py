@@ -126,21 +126,21 @@ def test_paired_differences_by_hand():
     assert math.isnan(summary.loc[0.0, "delta_test_accuracy_mean"])
 
 
-def test_forward_correction_effects_pair_runs_by_seed():
-    """forward minus none, run by run on the same seed and settings; a run without its twin is left out."""
-    none = [(1, 0.80), (2, 0.85), (3, 0.70)]
-    forward = [(1, 0.82), (2, 0.88), (3, 0.71), (4, 0.99)]  # seed 4 has no uncorrected twin
-    rows = [dict(noise_type="label_flip", p=0.5, seed=s, repeat=s, loss_correction=c, test_accuracy=a)
-            for c, runs in (("none", none), ("forward", forward)) for s, a in runs]
-    effects = rs.forward_correction_effects(per_run_frame(rows))
+def test_loss_effects_pair_runs_by_seed():
+    """a loss minus ce, run by run on the same seed and settings; a run without its twin is left out."""
+    ce = [(1, 0.80), (2, 0.85), (3, 0.70)]
+    forward = [(1, 0.82), (2, 0.88), (3, 0.71), (4, 0.99)]  # seed 4 has no ce twin
+    rows = [dict(noise_type="label_flip", p=0.5, seed=s, repeat=s, loss=loss, test_accuracy=a)
+            for loss, runs in (("ce", ce), ("forward", forward)) for s, a in runs]
+    effects = rs.loss_effects(per_run_frame(rows))
     differences = pd.Series([0.02, 0.03, 0.01])
     row = effects.iloc[0]
-    assert len(effects) == 1 and row["n"] == 3
-    assert row["forward_minus_none_test_accuracy_mean"] == pytest.approx(differences.mean())
-    assert row["forward_minus_none_test_accuracy_stderr"] == pytest.approx(differences.std(ddof=1) / math.sqrt(3))
-    assert row["forward_minus_none_test_loss_mean"] == pytest.approx(-differences.mean())
+    assert len(effects) == 1 and row["n"] == 3 and row["loss"] == "forward"
+    assert row["minus_ce_test_accuracy_mean"] == pytest.approx(differences.mean())
+    assert row["minus_ce_test_accuracy_stderr"] == pytest.approx(differences.std(ddof=1) / math.sqrt(3))
+    assert row["minus_ce_test_loss_mean"] == pytest.approx(-differences.mean())
     half = stats.t.ppf(0.975, 2) * differences.std(ddof=1) / math.sqrt(3)
-    assert row["forward_minus_none_test_accuracy_ci95_high"] == pytest.approx(differences.mean() + half)
+    assert row["minus_ce_test_accuracy_ci95_high"] == pytest.approx(differences.mean() + half)
 
 
 def test_paired_partner_ignores_the_noise_type_but_not_other_settings():
