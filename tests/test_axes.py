@@ -3,6 +3,7 @@ length, loss settings as axes, the one clean run shared by every noise type, and
 (status counts kept per run, the CSV refresh interval that grows with what a rewrite costs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -62,7 +63,7 @@ def assert_one_line_error(argv: list[str], tmp_path, *expected: str) -> str:
 
 
 def test_the_axes_are_the_run_settings_and_each_sets_its_config_field():
-    assert set(rx.AXES.values()) <= {f.name for f in registry.TrainConfig.__dataclass_fields__.values()}
+    assert set(rx.AXES.values()) <= {f.name for f in dataclasses.fields(registry.TrainConfig)}
     assert set(AXIS_LISTS) == set(rx.AXES)  # a new axis needs a sample here
     assert not set(SCALARS) & set(rx.AXES)
 
