@@ -61,8 +61,12 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+TINY_RUNS = 6  # the runs of tiny_argv's grid
+
+
 def tiny_argv(output_dir, data_dir, *extra: str) -> list[str]:
-    """8 runs (relu x {label_flip, pixel_uniform} x p {0, 0.5} x 2 repeats), 500 samples, 1 epoch."""
+    """TINY_RUNS runs (relu x {the clean run at p = 0, label_flip at 0.5, pixel_uniform at 0.5} x 2 repeats),
+    500 samples, 1 epoch."""
     return ["--activations", "relu", "--noise_types", "label_flip,pixel_uniform", "--ps", "0,0.5",
             "--extra_label_ps", "", "--repeats", "2", "--epochs", "1", "--max_train_samples", "500",
             "--hidden_sizes", "16", "--max_workers", "2",
@@ -152,12 +156,32 @@ def expected_stats(values: pd.Series, fraction: bool = False) -> dict:
     return {"mean": mean, "std": std, "stderr": stderr, "ci95_low": low, "ci95_high": high}
 
 
-def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) -> int:
-    """Recompute every summary statistic with pandas/scipy from the per-run table; returns the
-    number of experiments (groups)."""
+def with_clean_copies(ok: pd.DataFrame) -> pd.DataFrame:
+    """The noisy runs, and each clean run (noise type "none") once as the p = 0 run of every noise type run with
+    the same other settings (kept as "none" where there is none)."""
     import pandas as pd
 
-    import nnet_models as nm
+    import results_store as rs
+
+    def key(row) -> tuple:
+        return tuple(str(row[f]) for f in rs.PAIR_FIELDS)
+    noisy = ok[ok["noise_type"] != "none"]
+    types: dict[tuple, list] = {}
+    for _, row in noisy.iterrows():
+        if (row["noise_type"], row["noise_matrix"]) not in types.setdefault(key(row), []):
+            types[key(row)].append((row["noise_type"], row["noise_matrix"]))
+    copies = [{**row.to_dict(), "noise_type": noise_type, "noise_matrix": matrix}
+              for _, row in ok[ok["noise_type"] == "none"].iterrows()
+              for noise_type, matrix in types.get(key(row), [("none", row["noise_matrix"])])]
+    return pd.concat([noisy, pd.DataFrame(copies, columns=ok.columns)], ignore_index=True)
+
+
+def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) -> int:
+    """Recompute every summary statistic with pandas/scipy from the per-run table, each clean run counted at p = 0
+    of every noise type; returns the number of experiments (groups)."""
+    import pandas as pd
+
+    import registry
     import results_store as rs
 
     ok = per_run[per_run["status"] == "ok"].copy()
@@ -165,15 +189,17 @@ def check_summary_against_per_run(per_run: pd.DataFrame, summary: pd.DataFrame) 
     for table in (ok, summary):  # all samples (empty) and no noise matrix (empty) are groups too
         table["max_train_samples"] = pd.to_numeric(table["max_train_samples"]).astype("Float64").fillna(-1).astype(float)
         table["noise_matrix"] = table["noise_matrix"].astype(object).where(table["noise_matrix"].notna(), "")
-    groups = ok.groupby(rs.GROUP_FIELDS, sort=True)
+        table["loss_settings"] = table["loss_settings"].astype(object).where(table["loss_settings"].notna(), "")
+    groups = with_clean_copies(ok).groupby(rs.GROUP_FIELDS, sort=True)
     assert len(summary) == groups.ngroups
     assert not summary.duplicated(rs.GROUP_FIELDS).any()  # one row per experiment
     summary = summary.set_index(rs.GROUP_FIELDS)
     for key, runs in groups:
         row = summary.loc[key]
         assert row["n"] == len(runs)
-        for metric in nm.METRICS:
-            for stat, value in expected_stats(runs[metric], fraction=metric not in nm.UNBOUNDED_METRICS).items():
+        for metric in registry.METRICS:
+            fraction = metric not in registry.unbounded_metrics()
+            for stat, value in expected_stats(runs[metric], fraction=fraction).items():
                 got = row[f"{metric}_{stat}"]
                 if math.isnan(value):
                     assert math.isnan(got), (key, metric, stat)
@@ -195,23 +221,26 @@ def record(seed: int, activation="relu", noise_type="label_uniform", p=0.0, **co
     mixed two experiments would match neither."""
     import numpy as np
 
-    import nnet_models as nm
+    import registry
     import results_store as rs
 
-    cfg = nm.TrainConfig(activation=activation, noise_type=noise_type, p=p, seed=seed, epochs=EPOCHS, **config)
+    cfg = registry.TrainConfig(activation=activation, noise_type=noise_type, p=p, seed=seed, epochs=EPOCHS, **config)
     fields = {name: rs.csv_value(value) for name, value in dataclasses.asdict(cfg).items()}
     rng = np.random.default_rng(zlib.crc32(repr(sorted(fields.items())).encode()))
-    metrics = {m: float(rng.uniform(0.1, 0.9)) for m in nm.METRICS}
-    corrupted = noise_type in nm.LABEL_NOISE_TYPES and p > 0
+    metrics = {m: float(rng.uniform(0.1, 0.9)) for m in registry.METRICS}
+    kind = registry.NOISE_TYPES[noise_type].kind
+    corrupted = kind == "label" and p > 0
     for m in ("memorised_fraction", "corrupted_true_fraction"):
         metrics[m] = metrics[m] if corrupted else float("nan")
     if not cfg.validation_fraction:
         metrics.update(selected_epoch=np.nan, selected_test_accuracy=np.nan, selected_test_loss=np.nan)
-    if noise_type not in nm.PIXEL_NOISE_TYPES:
-        metrics.update(noisy_test_accuracy=np.nan, noisy_test_loss=np.nan)
+    if kind != "pixel":  # the noisy test images are the clean ones
+        metrics.update(noisy_test_accuracy=metrics["test_accuracy"], noisy_test_loss=metrics["test_loss"])
+    if cfg.loss != "forward_estimated":
+        metrics.update(transition_error_mean=np.nan, transition_error_max=np.nan)
     undefined = {m for m, value in metrics.items() if np.isnan(value)}
     history = {f"history_{m}": [np.nan if m in undefined else float(v) for v in rng.uniform(0.1, 0.9, EPOCHS)]
-               for m in nm.HISTORY_METRICS}
+               for m in registry.per_epoch_metrics()}
     counts = rng.integers(0, 50, rs.ECE_BINS).astype(float)
     reliability = {"count": counts.tolist(), "confidence": ((np.arange(rs.ECE_BINS) + 0.5) / rs.ECE_BINS).tolist(),
                    "accuracy": rng.uniform(0, 1, rs.ECE_BINS).tolist()}
@@ -222,11 +251,14 @@ def record(seed: int, activation="relu", noise_type="label_uniform", p=0.0, **co
 
 def grid_records(activations=("relu", "tanh"), noise_types=("label_uniform", "label_flip", "pixel_uniform"),
                  seeds=SEEDS, **config) -> list[dict]:
-    """record() of every activation x noise type x p (LABEL_PS or PIXEL_PS) x seed."""
-    import nnet_models as nm
+    """record() of every activation x seed: the clean run (noise type "none", p = 0), shared by every noise type
+    as campaigns run it, and every noise type at each p > 0 of LABEL_PS or PIXEL_PS."""
+    import registry
 
-    return [record(seed, a, t, p, **config) for a in activations for t in noise_types
-            for p in (PIXEL_PS if t in nm.PIXEL_NOISE_TYPES else LABEL_PS) for seed in seeds]
+    clean = [record(seed, a, "none", 0.0, **config) for a in activations for seed in seeds]
+    return clean + [record(seed, a, t, p, **config) for a in activations for t in noise_types
+                    for p in (PIXEL_PS if registry.NOISE_TYPES[t].kind == "pixel" else LABEL_PS) if p > 0
+                    for seed in seeds]
 
 
 def campaign(directory: Path, records: list[dict]) -> Path:

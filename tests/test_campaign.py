@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import platform
 import re
@@ -23,11 +24,12 @@ import torch
 
 import nnet_models as nm
 import plots
+import registry
 import results_store as rs
 import run_experiments as rx
-from conftest import (PER_RUN_LINE, check_summary_against_per_run, per_run_lines, run_files, run_main, same, snapshot,
-                      tiny_argv)
-from metrics import ECE_BINS
+from conftest import (PER_RUN_LINE, TINY_RUNS, check_summary_against_per_run, per_run_lines, run_files, run_main,
+                      same, snapshot, tiny_argv)
+from registry import ECE_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The final metrics of every ok run (finite whatever the noise type and p)...
@@ -35,9 +37,11 @@ ALWAYS_FINITE = ["test_accuracy", "test_loss", "test_macro_precision", "test_mac
                  "test_macro_roc_auc", "test_ece", "test_mean_confidence", "train_loss", "seconds", "train_seconds"]
 # ...and those that exist only for some runs (empty in the CSVs elsewhere)
 MEMORISATION = ["memorised_fraction", "corrupted_true_fraction", "clean_train_accuracy"]  # label noise
-SELECTED = ["selected_epoch", "selected_test_accuracy", "selected_test_loss"]  # validation_fraction > 0
-NOISY_TEST = ["noisy_test_accuracy", "noisy_test_loss"]  # pixel noise
-K = nm.NUM_CLASSES
+SELECTED = ["validation_loss", "selected_epoch", "selected_test_accuracy", "selected_test_loss"]  # validation_fraction > 0
+NOISY_TEST = ["noisy_test_accuracy", "noisy_test_loss"]  # every run (without pixel noise: the clean test's)
+TRANSITION_ERROR = ["transition_error_mean", "transition_error_max"]  # forward_estimated
+K = registry.NUM_CLASSES
+LABEL_TYPES, PIXEL_TYPES = registry.of_kind("label"), registry.of_kind("pixel")
 IDENTITY = [[1.0 if i == j else 0.0 for j in range(K)] for i in range(K)]
 NEXT = [[1.0 if j == (i + 1) % K else 0.0 for j in range(K)] for i in range(K)]  # k -> k+1 mod K
 HALF_NEXT = [[0.5 if j in (i, (i + 1) % K) else 0.0 for j in range(K)] for i in range(K)]
@@ -71,20 +75,22 @@ def test_every_config_name_has_help_from_its_config_block_comment(capsys):
         comment = helps[name].rsplit(" (default:", 1)[0]
         assert comment, f"{name} has no comment in the config block"
         assert "".join(helps[name].replace("%%", "%").split()) in text
-    assert "noiselevels,eachin[0,1](default:0.0,0.1,0.2" in text
+    assert "noiselevels,eachin[0,1];p=0isonecleanrunsharedbyeverynoisetype[agridaxis:givealist](default:[0.0,0.1,0.2" in text
     assert "whereruns,CSVsandfiguresgo(default:results/campaign)" in text
 
 
 def test_the_config_block_is_a_valid_campaign():
     config = config_of()
+    assert config["losses"] == ["ce"] and config["loss_settings"] == {}
     assert rx.config_errors(config) == []
     assert config["output_dir"] == "results/campaign"
     specs = rx.build_grid(config)
-    label = sum(t in nm.LABEL_NOISE_TYPES for t in config["noise_types"])
+    label = sum(t in LABEL_TYPES for t in config["noise_types"])
     pixel = len(config["noise_types"]) - label
-    n_ps = len(config["ps"])
-    assert len(specs) == (len(config["activations"]) * config["repeats"]
-                          * (label * len(set(config["ps"] + config["extra_label_ps"])) + pixel * n_ps))
+    noisy_ps = len(set(config["ps"]) - {0})
+    label_ps = len(set(config["ps"] + config["extra_label_ps"]) - {0})
+    # one clean run (p = 0) per activation and repeat, shared by every noise type
+    assert len(specs) == len(config["activations"]) * config["repeats"] * (1 + label * label_ps + pixel * noisy_ps)
 
 
 CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
@@ -119,7 +125,8 @@ CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
     "executor": ("dask", "dask"),
     "dask_scheduler": ("tcp://10.0.0.1:8786", "tcp://10.0.0.1:8786"),
     "noise_matrix": ("matrix.json", "matrix.json"),
-    "loss_corrections": ("none,forward", ["none", "forward"]),
+    "losses": ("ce,gce", ["ce", "gce"]),
+    "loss_settings": ("{'gce': {'q': [0.5, 0.7]}}", {"gce": {"q": [0.5, 0.7]}}),
     "validation_fraction": ("0.1", 0.1),
     "precision": ("bfloat16", "bfloat16"),
 }
@@ -160,12 +167,14 @@ def test_none_and_booleans_on_the_command_line():
 
 def test_string_config_values_stay_strings():
     """`--output_dir 2024` is the directory "2024", not the int 2024 (which Path() rejects);
-    loss corrections stay names, numeric lists stay numbers."""
+    losses stay names, numeric lists stay numbers."""
     assert config_of("--output_dir", "2024")["output_dir"] == "2024"
     assert config_of("--data_dir", "2024")["data_dir"] == "2024"
-    assert config_of("--loss_corrections", "none")["loss_corrections"] == ["none"]
-    assert config_of("--loss-corrections", " forward , none ")["loss_corrections"] == ["forward", "none"]
-    assert config_of("--activations", "1")["activations"] == ["1"]  # (then rejected by validation)
+    assert config_of("--losses", "ce")["losses"] == ["ce"]
+    assert config_of("--losses", " forward , ce ")["losses"] == ["forward", "ce"]
+    assert config_of("--activations", "1")["activations"] == [1]  # a literal, rejected by validation:
+    assert rx.config_errors(config_of("--smoke", "--activations", "1")) == [
+        f"activations: 1 is not one of: {ALLOWED_ACTIVATIONS}"]
 
 
 def test_smoke_preset_and_explicit_flags_override_it():
@@ -220,15 +229,16 @@ ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
     (["--ps", "-0.1"], ["ps: -0.1", "[0, 1]"]),
     (["--ps=-0.1,0.5"], ["ps: -0.1", "[0, 1]"]),
     (["--extra_label_ps", "1.01"], ["extra_label_ps: 1.01", "[0, 1]"]),
-    (["--ps", "nan"], ["ps: nan", "[0, 1]"]),
-    (["--ps", "inf"], ["ps: inf", "[0, 1]"]),
+    (["--ps", "nan"], ["ps: 'nan'", "[0, 1]"]),  # not a Python literal: text
+    (["--ps", "inf"], ["ps: 'inf'", "[0, 1]"]),
+    (["--ps", "1e999"], ["ps: inf", "[0, 1]"]),
     (["--ps", "half"], ["ps: 'half'", "[0, 1]"]),
     (["--activations", "relu,swish"], ["activations: 'swish'", ALLOWED_ACTIVATIONS]),
     (["--model_types", "rnn"], ["model_types: 'rnn'", "mlp, cnn"]),
     (["--noise_types", "gaussian"], ["noise_types: 'gaussian'", "label_uniform, label_flip, label_pairflip, "
                                                                 "label_matrix, pixel_uniform, pixel_empirical"]),
-    (["--loss_corrections", "backward"], ["loss_corrections: 'backward'", "none, forward"]),
-    (["--loss_corrections", ""], ["loss_corrections is empty", "none, forward"]),
+    (["--losses", "backward"], ["losses: 'backward'", "ce, forward, forward_estimated, gce, sce"]),
+    (["--losses", ""], ["losses is empty", "ce, forward"]),
     (["--validation_fraction", "0.6"], ["validation_fraction: 0.6", "[0, 0.5]"]),
     (["--validation_fraction", "-0.1"], ["validation_fraction: -0.1", "[0, 0.5]"]),
     (["--datasets", "cifar10"], ["datasets: 'cifar10'", "mnist, fashion_mnist"]),
@@ -263,7 +273,7 @@ ALLOWED_ACTIVATIONS = "relu, tanh, sigmoid, leaky_relu, gelu"
     (["--ps", "0,0.5,0.5"], ["ps: 0.5 appears more than once"]),
     (["--max_train_samples", "60001"], ["max_train_samples: 60001 is more than the 60000 training examples of mnist",
                                         "at most 60000, or None"]),
-    (["--repeats", "1000000"], ["the grid has 16,000,000 runs, more than 1,000,000"]),
+    (["--repeats", "1000000"], ["the grid has 10,000,000 runs, more than 1,000,000"]),
 ])
 def test_invalid_values_are_rejected_before_anything_is_written(argv, expected, mnist_dir, tmp_path):
     assert_rejected(["--smoke", "--data_dir", str(mnist_dir), *argv], tmp_path, *expected)
@@ -397,20 +407,22 @@ def test_noise_matrix_from_a_json_file_and_from_json_text(mnist_dir, tmp_path):
     grids = []
     for value in (path, text):
         config = config_of(*matrix_argv(mnist_dir, tmp_path, "--noise_matrix", value,
-                                        "--loss_corrections", "none,forward"))
+                                        "--losses", "ce,forward"))
         assert config["noise_matrix"] == value  # kept as given; parsed when the grid is built
-        assert config["loss_corrections"] == ["none", "forward"]
+        assert config["losses"] == ["ce", "forward"]
         assert rx.config_errors(config) == []
         grids.append(rx.build_grid(config))
     from_file, from_text = grids
-    assert len(from_file) == 2 * 2 * 2 * 2  # activations x ps x repeats x corrections
-    assert all(s.config.noise_matrix == as_tuples(NEXT) for s in from_file)
+    assert len(from_file) == 2 * 2 * 2 * 2  # activations x (clean, p = 0.5) x repeats x losses
+    assert all(s.config.noise_matrix == (as_tuples(NEXT) if s.config.p else None) for s in from_file)
     # the same matrix, however given, is the same run
     assert [s.run_id for s in from_file] == [s.run_id for s in from_text]
     assert [s.config for s in from_file] == [s.config for s in from_text]
-    # ...and another matrix is another run
-    other = rx.build_grid({**config_of(*matrix_argv(mnist_dir, tmp_path)), "noise_matrix": HALF_NEXT})
-    assert {s.run_id for s in other}.isdisjoint(s.run_id for s in from_file)
+    # ...and another matrix is another run, but for the clean one (p = 0), which has no matrix
+    other = rx.build_grid({**config_of(*matrix_argv(mnist_dir, tmp_path), "--losses", "ce,forward"),
+                           "noise_matrix": HALF_NEXT})
+    assert {s.run_id for s in other} & {s.run_id for s in from_file} == {s.run_id for s in other if s.config.p == 0}
+    assert len([s for s in other if s.config.p == 0]) == 8
 
 
 def test_long_noise_matrix_json_text_is_accepted(mnist_dir, tmp_path):
@@ -418,7 +430,7 @@ def test_long_noise_matrix_json_text_is_accepted(mnist_dir, tmp_path):
     assert len(text) > 255  # longer than a file name may be
     config = config_of(*matrix_argv(mnist_dir, tmp_path, "--noise_matrix", text))
     assert rx.config_errors(config) == []
-    assert {s.config.noise_matrix for s in rx.build_grid(config)} == {as_tuples(HALF_NEXT)}
+    assert {s.config.noise_matrix for s in rx.build_grid(config)} == {as_tuples(HALF_NEXT), None}  # None: p = 0
 
 
 # ================================================================ grid
@@ -433,39 +445,52 @@ def grid_config(**overrides) -> dict:
 
 @pytest.mark.parametrize("overrides", [
     dict(activations=["relu"], noise_types=["pixel_uniform"], ps=[0.0], extra_label_ps=[], repeats=1),
-    dict(activations=["relu", "tanh", "gelu"], noise_types=list(nm.NOISE_TYPES),
+    dict(activations=["relu", "tanh", "gelu"], noise_types=list(registry.NOISY_TYPES),
          ps=[0.0, 0.5, 1.0], extra_label_ps=[0.95], repeats=3),
     dict(datasets=["mnist", "fashion_mnist"], model_types=["mlp", "cnn"], activations=["relu", "tanh"],
          noise_types=["label_uniform", "pixel_empirical"], ps=[0.0, 0.3], extra_label_ps=[0.9, 1.0], repeats=2),
     # extra p values already in ps are not doubled; they never reach the pixel noise types
     dict(activations=["sigmoid"], noise_types=["label_flip", "pixel_uniform"], ps=[0.0, 1.0],
          extra_label_ps=[1.0, 0.95], repeats=4),
-    # loss corrections multiply the label noise cells only (under pixel noise T = I)
-    dict(activations=["relu"], noise_types=list(nm.NOISE_TYPES), loss_corrections=["none", "forward"],
+    # losses multiply every point (under pixel noise and at p = 0, T = I: forward is cross-entropy)
+    dict(activations=["relu"], noise_types=list(registry.NOISY_TYPES), losses=["ce", "forward"],
          ps=[0.0, 0.5], extra_label_ps=[0.9], repeats=2),
     dict(activations=["relu", "tanh"], noise_types=["label_pairflip", "pixel_empirical"],
-         loss_corrections=["forward"], ps=[0.3], extra_label_ps=[], repeats=1),
+         losses=["forward"], ps=[0.3], extra_label_ps=[], repeats=1),
+    # without p = 0, no clean run; a setting given as a list is an axis
+    dict(activations=["relu"], noise_types=["label_flip"], ps=[0.2], extra_label_ps=[0.4], repeats=2,
+         learning_rate=[0.001, 0.01, 0.1], batch_size=[32, 64], hidden_sizes=[[16], [8, 8]]),
+    # a list of epochs is one run of the longest (not an axis of runs)
+    dict(activations=["relu"], noise_types=["pixel_uniform"], ps=[0.0, 0.5], extra_label_ps=[], repeats=2,
+         epochs=[1, 3, 2]),
 ])
 def test_grid_size(overrides):
     config = grid_config(**overrides)
     specs = rx.build_grid(config)
-    label_ps = len(set(config["ps"]) | set(config["extra_label_ps"])) * len(config["loss_corrections"])
-    pixel_ps = len(set(config["ps"]))
-    per_noise = sum(label_ps if n in nm.LABEL_NOISE_TYPES else pixel_ps for n in config["noise_types"])
-    expected = (len(config["datasets"]) * len(config["model_types"]) * len(config["activations"])
-                * per_noise * config["repeats"])
-    assert len(specs) == expected
+    label_ps = len((set(config["ps"]) | set(config["extra_label_ps"])) - {0})
+    pixel_ps = len(set(config["ps"]) - {0})
+    clean = 0 in config["ps"]
+    per_setting = clean + sum(label_ps if n in LABEL_TYPES else pixel_ps for n in config["noise_types"])
+    axes = [name for name in rx.TRAINING_AXES if isinstance(config[name], list)
+            and (name != "hidden_sizes" or isinstance(config[name][0], list))]
+    expected = (np.prod([len(config[name]) for name in axes]) * len(config["losses"]) * per_setting
+                * config["repeats"])
+    assert len(specs) == expected == rx.grid_size(config)
     assert len({s.run_id for s in specs}) == len(specs)  # every run has its own id
     for spec in specs:
-        if spec.config.noise_type in nm.PIXEL_NOISE_TYPES:
-            assert spec.config.p in config["ps"]
-            assert spec.config.loss_correction == "none"
+        cfg = spec.config
+        if cfg.p == 0:  # the clean run, the same for every noise type
+            assert cfg.noise_type == registry.CLEAN
+        elif cfg.noise_type in PIXEL_TYPES:
+            assert cfg.p in config["ps"]
         else:
-            assert spec.config.p in set(config["ps"]) | set(config["extra_label_ps"])
-            assert spec.config.loss_correction in config["loss_corrections"]
+            assert cfg.p in set(config["ps"]) | set(config["extra_label_ps"])
+        assert cfg.noise_type in (registry.CLEAN, *config["noise_types"])
+        assert cfg.loss in config["losses"]
         # the matrix travels with label_matrix runs only
-        expected_matrix = as_tuples(HALF_NEXT) if spec.config.noise_type == "label_matrix" else None
-        assert spec.config.noise_matrix == expected_matrix
+        assert cfg.noise_matrix == (as_tuples(HALF_NEXT) if cfg.noise_type == "label_matrix" else None)
+        epochs = sorted(rx.axis_values(config, "epochs"))
+        assert (cfg.epochs, cfg.reported_epochs) == (epochs[-1], tuple(epochs[:-1]))
 
 
 def test_grid_cells_carry_the_campaign_settings():
@@ -481,18 +506,18 @@ def test_grid_cells_carry_the_campaign_settings():
 
 
 def test_extra_label_ps_only_for_label_noise():
-    specs = rx.build_grid(grid_config(activations=["relu"], noise_types=list(nm.NOISE_TYPES),
+    specs = rx.build_grid(grid_config(activations=["relu"], noise_types=list(registry.NOISY_TYPES),
                                       ps=[0.0, 0.5], extra_label_ps=[0.95], repeats=1))
     ps = {}
     for spec in specs:
         ps.setdefault(spec.config.noise_type, set()).add(spec.config.p)
-    assert ps == {"label_uniform": {0.0, 0.5, 0.95}, "label_flip": {0.0, 0.5, 0.95},
-                  "label_pairflip": {0.0, 0.5, 0.95}, "label_matrix": {0.0, 0.5, 0.95},
-                  "pixel_uniform": {0.0, 0.5}, "pixel_empirical": {0.0, 0.5}}
+    assert ps == {"none": {0.0}, "label_uniform": {0.5, 0.95}, "label_flip": {0.5, 0.95},
+                  "label_pairflip": {0.5, 0.95}, "label_matrix": {0.5, 0.95},
+                  "pixel_uniform": {0.5}, "pixel_empirical": {0.5}}
 
 
 def test_repeat_seeds_are_paired_across_p_and_noise():
-    config = grid_config(activations=["relu", "tanh"], noise_types=list(nm.NOISE_TYPES),
+    config = grid_config(activations=["relu", "tanh"], noise_types=list(registry.NOISY_TYPES),
                          ps=[0.0, 0.4, 0.8], repeats=4)
     seeds = {}
     for spec in rx.build_grid(config):
@@ -508,7 +533,8 @@ def test_repeat_seeds_are_paired_across_p_and_noise():
 
 
 def test_grid_is_reproducible_in_another_process():
-    config = grid_config(noise_types=list(nm.NOISE_TYPES), repeats=3)
+    config = grid_config(noise_types=list(registry.NOISY_TYPES), repeats=3, learning_rate=[0.001, 0.01],
+                         epochs=[1, 2], losses=["ce", "gce"], loss_settings={"gce": {"q": [0.5, 0.7]}})
     first = [(s.run_id, s.repeat, s.config) for s in rx.build_grid(config)]
     assert first == [(s.run_id, s.repeat, s.config) for s in rx.build_grid(dict(config))]
     assert all(len(run_id) == 16 and int(run_id, 16) >= 0 for run_id, _, _ in first)
@@ -523,7 +549,7 @@ def test_grid_is_reproducible_in_another_process():
 
 
 def test_run_key_ignores_threads_and_paths_but_not_results_fields():
-    base = nm.TrainConfig(p=0.3, seed=5, epochs=2, max_train_samples=1000)
+    base = registry.TrainConfig(noise_type="label_uniform", p=0.3, seed=5, epochs=2, max_train_samples=1000)
     key = rx.run_key(base)
     assert rx.run_key(dataclasses.replace(base)) == key
     assert rx.run_key(dataclasses.replace(base, cpu_threads=4)) == key
@@ -537,7 +563,10 @@ def test_run_key_ignores_threads_and_paths_but_not_results_fields():
                dataclasses.replace(base, weight_decay=1e-4), dataclasses.replace(base, normalize=False),
                dataclasses.replace(base, dataset="fashion_mnist"), dataclasses.replace(base, model_type="cnn"),
                dataclasses.replace(base, use_cuda=True),
-               dataclasses.replace(base, loss_correction="forward"),
+               dataclasses.replace(base, loss="forward"),
+               dataclasses.replace(base, loss="gce", loss_settings=(("q", 0.7),)),
+               dataclasses.replace(base, loss="gce", loss_settings=(("q", 0.5),)),
+               dataclasses.replace(base, reported_epochs=(1,)),
                dataclasses.replace(base, validation_fraction=0.1),
                dataclasses.replace(base, validation_fraction=0.2),
                dataclasses.replace(base, precision="bfloat16"),
@@ -546,9 +575,9 @@ def test_run_key_ignores_threads_and_paths_but_not_results_fields():
     assert key not in keys
     assert len(set(keys)) == len(keys)
     # every field but the threads and the data path is in some variant above
-    varied = {f.name for f in dataclasses.fields(nm.TrainConfig)
+    varied = {f.name for f in dataclasses.fields(registry.TrainConfig)
               if any(getattr(c, f.name) != getattr(base, f.name) for c in changed)}
-    assert varied == {f.name for f in dataclasses.fields(nm.TrainConfig)} - {"cpu_threads", "data_dir"}
+    assert varied == {f.name for f in dataclasses.fields(registry.TrainConfig)} - {"cpu_threads", "data_dir"}
 
 
 def test_grid_run_ids_do_not_depend_on_threads_or_data_dir():
@@ -587,9 +616,9 @@ def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeyp
     code, printed, _ = run_main(argv)
     assert code == 0
     specs = rx.build_grid(config_of(*argv))
-    assert len(specs) == 32
-    assert printed.startswith(f"32 runs: 1 datasets x 1 model_types x 2 activations x 4 noise_types x p values "
-                              f"x 2 repeats; 2 workers x 1 threads; output_dir={out}\n")
+    assert len(specs) == 20
+    assert printed.startswith(f"20 runs: 2 activations x 1 losses (with their settings) x 5 noise points (p = 0 once, "
+                              f"shared by the noise types) x 2 repeats; 2 workers x 1 threads; output_dir={out}\n")
     assert "Estimated wall time " in printed and " on 2 workers (" in printed
     assert not any(spec.run_id in printed for spec in specs)  # the runs are listed on request only
     assert not out.exists()
@@ -598,11 +627,11 @@ def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeyp
     code, printed, _ = run_main([*argv, "--list"])
     assert code == 0
     listed = [line for line in printed.splitlines() if line.split(" ")[0] in {s.run_id for s in specs}]
-    assert len(listed) == 32
+    assert len(listed) == 20
     for spec, line in zip(specs, listed):
         cfg = spec.config
-        assert line == (f"{spec.run_id} mnist mlp/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
-                        f"repeat={spec.repeat} seed={cfg.seed} epochs=1")
+        assert line.split() == (f"{spec.run_id} mnist mlp/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
+                                f"loss=ce repeat={spec.repeat} seed={cfg.seed} epochs=1").split()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -623,11 +652,12 @@ def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
 
     monkeypatch.setattr(rx, "calibrate", fake_calibrate)
     specs = rx.build_grid(config_of("--smoke", "--epochs", "3", "--data_dir", str(mnist_dir)))
-    assert {(s.config.noise_type in nm.PIXEL_NOISE_TYPES, s.config.p) for s in specs} >= {(True, 0.0), (True, 0.5)}
+    assert {(s.config.noise_type, s.config.p) for s in specs} >= {("none", 0.0), ("label_flip", 0.5),
+                                                                 ("pixel_uniform", 0.5)}
     estimates = rx.estimate_seconds(specs)
     assert sorted(calibrated) == [False, True]
     for spec, seconds in zip(specs, estimates):
-        rate, other = rates[spec.config.noise_type in nm.PIXEL_NOISE_TYPES and spec.config.p > 0]
+        rate, other = rates[spec.config.noise_type in PIXEL_TYPES and spec.config.p > 0]
         assert seconds == pytest.approx(3 * (2000 / rate + other))
     # all samples: the dataset's size
     full = rx.build_grid(config_of("--smoke", "--max_train_samples", "none", "--data_dir", str(mnist_dir)))
@@ -639,8 +669,8 @@ def test_dry_run_estimate_line(mnist_dir, monkeypatch, capsys, use_cuda, where):
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [120.0] * len(specs))
     rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--use_cuda", str(use_cuda),
                                "--max_workers", "1"))
-    printed = capsys.readouterr().out  # 32 runs x 2 min on 1 worker
-    assert f"Estimated wall time 64 min on 1 workers (2 min to 2 min per run {where}); peak memory at most " in printed
+    printed = capsys.readouterr().out  # 20 runs x 2 min on 1 worker
+    assert f"Estimated wall time 40 min on 1 workers (2 min to 2 min per run {where}); peak memory at most " in printed
 
 
 def test_dry_run_wall_time_is_at_least_the_longest_run(mnist_dir, monkeypatch, capsys):
@@ -650,7 +680,7 @@ def test_dry_run_wall_time_is_at_least_the_longest_run(mnist_dir, monkeypatch, c
 
 
 def test_calibrate_splits_training_from_the_rest(mnist_dir):
-    rate, other_seconds = rx.calibrate(nm.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform", p=0.5,
+    rate, other_seconds = rx.calibrate(registry.TrainConfig(data_dir=str(mnist_dir), noise_type="pixel_uniform", p=0.5,
                                                       hidden_sizes=(16,)))
     assert rate > 0 and other_seconds > 0
 
@@ -668,7 +698,7 @@ def test_dry_run_with_a_numeric_output_dir(mnist_dir, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def smoke(mnist, mnist_dir, tmp_path_factory):
-    """`--smoke` as a user runs it (32 runs on 2000 samples, 1 epoch), with figures."""
+    """`--smoke` as a user runs it (20 runs on 2000 samples, 1 epoch), with figures."""
     out = tmp_path_factory.mktemp("smoke") / "results"
     argv = ["--smoke", "--max_workers", "2", "--data_dir", str(mnist_dir), "--output_dir", str(out)]
     code, stdout, stderr = run_main(argv)
@@ -680,28 +710,31 @@ def smoke(mnist, mnist_dir, tmp_path_factory):
 def test_smoke_campaign_end_to_end(smoke):
     assert smoke["code"] == 0, smoke["stdout"] + smoke["stderr"]
     out, specs, config = smoke["out"], smoke["specs"], smoke["config"]
-    assert len(specs) == 32
+    assert len(specs) == 20  # 2 activations x (the clean run + 4 noise types at p = 0.5) x 2 repeats
     assert sorted(run_files(out)) == sorted(s.run_id for s in specs)
 
     per_run = rs.read_csv(out / rs.PER_RUN_CSV)
-    assert len(per_run) == 32
+    metrics = list(registry.METRICS)
+    assert len(per_run) == 20
     assert sorted(per_run["run_id"]) == sorted(s.run_id for s in specs)
     assert (per_run["status"] == "ok").all() and (per_run["attempts"] == 1).all()
     assert per_run["error"].isna().all()
-    assert set(rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + nm.METRICS) == set(per_run.columns)
-    assert sorted(ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST) == sorted(nm.METRICS)  # each checked below
+    assert set(rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + metrics) == set(per_run.columns)
+    assert sorted(ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST + TRANSITION_ERROR) == sorted(metrics)
     assert (per_run["max_train_samples"] == 2000).all() and (per_run["epochs"] == 1).all()
     assert per_run["test_accuracy"].between(0.3, 1).all()  # 2000 samples, 1 epoch: clearly learned
-    assert np.isfinite(per_run[ALWAYS_FINITE]).all().all()
-    label = per_run["noise_type"].isin(nm.LABEL_NOISE_TYPES)
-    assert per_run[SELECTED].isna().all().all()  # no validation split in the smoke campaign
-    assert per_run.loc[label, NOISY_TEST].isna().all().all()
-    assert np.isfinite(per_run.loc[~label, NOISY_TEST]).all().all()
-    assert per_run.loc[~label, MEMORISATION].isna().all().all()
-    assert np.isfinite(per_run.loc[label, "clean_train_accuracy"]).all()
-    corrupted = label & (per_run["p"] > 0)  # p = 0: no corrupted example to memorise
+    assert np.isfinite(per_run[ALWAYS_FINITE + NOISY_TEST]).all().all()
+    assert per_run[SELECTED + TRANSITION_ERROR].isna().all().all()  # no validation split, no estimated T
+    pixel = per_run["noise_type"].isin(PIXEL_TYPES)
+    # without pixel noise the noisy test images are the clean ones
+    assert (per_run.loc[~pixel, "noisy_test_accuracy"] == per_run.loc[~pixel, "test_accuracy"]).all()
+    assert per_run.loc[pixel, MEMORISATION].isna().all().all()
+    assert np.isfinite(per_run.loc[~pixel, "clean_train_accuracy"]).all()
+    corrupted = per_run["noise_type"].isin(LABEL_TYPES)  # all at p = 0.5; the clean runs corrupt nothing
     assert np.isfinite(per_run.loc[corrupted, MEMORISATION]).all().all()
-    assert per_run.loc[label & (per_run["p"] == 0), ["memorised_fraction", "corrupted_true_fraction"]].isna().all().all()
+    clean = per_run["noise_type"] == registry.CLEAN
+    assert clean.sum() == 4 and (per_run.loc[clean, "p"] == 0).all()
+    assert per_run.loc[clean, ["memorised_fraction", "corrupted_true_fraction"]].isna().all().all()
     by_id = {s.run_id: s for s in specs}
     for row in per_run.itertuples():
         spec = by_id[row.run_id]
@@ -709,25 +742,25 @@ def test_smoke_campaign_end_to_end(smoke):
             (spec.config.activation, spec.config.noise_type, spec.config.p, spec.repeat, spec.config.seed)
 
     summary = rs.read_csv(out / rs.SUMMARY_CSV)
-    assert len(summary) == 16  # 2 activations x 4 noise types x 2 p
+    assert len(summary) == 16  # 2 activations x 4 noise types x 2 p: the clean runs are every type's p = 0
     assert (summary["n"] == config["repeats"]).all()
     assert set(zip(summary["activation"], summary["noise_type"], summary["p"])) == \
-        {(s.config.activation, s.config.noise_type, s.config.p) for s in specs}
+        {(a, t, p) for a in config["activations"] for t in config["noise_types"] for p in (0.0, 0.5)}
 
     history = rs.read_csv(out / rs.HISTORY_CSV)
-    assert len(history) == 32 * config["epochs"]
+    assert len(history) == 20 * config["epochs"]
     assert set(history["epoch"]) == {1}
-    assert set(nm.HISTORY_METRICS) <= set(history.columns)
+    assert set(registry.per_epoch_metrics()) <= set(history.columns)
     reliability = rs.read_csv(out / rs.RELIABILITY_CSV)
-    assert len(reliability) == 32 * ECE_BINS
+    assert len(reliability) == 20 * ECE_BINS
     assert (reliability.groupby("run_id")["count"].sum() == 10_000).all()  # the whole test set
     merged = history.merge(per_run[["run_id", "test_accuracy", "test_loss"]], on="run_id", suffixes=("", "_final"))
     assert np.allclose(merged["test_accuracy"], merged["test_accuracy_final"])
     assert np.allclose(merged["test_loss"], merged["test_loss_final"])
 
     meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
-    assert meta["counts"] == {"done": 32, "failed": 0, "diverged": 0, "not_identifiable": 0, "pending": 0}
-    assert meta["grid_size"] == 32
+    assert meta["counts"] == {"done": 20, "failed": 0, "diverged": 0, "not_identifiable": 0, "pending": 0}
+    assert meta["grid_size"] == 20
     assert meta["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
                                 "numpy": np.__version__}
     assert meta["config"] == json.loads(json.dumps(config))
@@ -744,12 +777,12 @@ def test_smoke_campaign_end_to_end(smoke):
 def test_smoke_campaign_says_where_everything_is(smoke):
     out, stdout = smoke["out"], smoke["stdout"]
     lines = stdout.splitlines()
-    assert lines[0] == f"32 runs in the grid, 0 already done, 32 to run on 2 workers x 1 threads. Results: {out}/"
-    assert progress(stdout) == [f"{k}/32" for k in range(1, 33)]
+    assert lines[0] == f"20 runs in the grid, 0 already done, 20 to run on 2 workers x 1 threads. Results: {out}/"
+    assert progress(stdout) == [f"{k}/20" for k in range(1, 21)]
     runs = per_run_lines(stdout)
     assert all(re.fullmatch(r"\[ok\] mlp/(relu|tanh) \w+ p=0\.(00|50) r[01]: "
                             r"acc=0\.\d{4} loss=\d\.\d{4} \(\d+\.\ds\)", line) for line in runs), runs
-    assert "32 ok, 0 failed, 0 diverged, 0 pending." in lines
+    assert "20 ok, 0 failed, 0 diverged, 0 pending." in lines
     csv_line = next(line for line in lines if line.startswith("CSVs: "))
     named = re.findall(r"(/\S+?)[,;]?(?= |$)", csv_line)
     assert [Path(p) for p in named] == [out / rs.PER_RUN_CSV, out / rs.SUMMARY_CSV, out / rs.HISTORY_CSV,
@@ -772,9 +805,10 @@ def test_smoke_summary_matches_pandas_on_the_per_run_csv(smoke):
     per_run = rs.read_csv(smoke["out"] / rs.PER_RUN_CSV)
     summary = rs.read_csv(smoke["out"] / rs.SUMMARY_CSV)
     assert check_summary_against_per_run(per_run, summary) == 16
-    # the p=0 runs of label and pixel noise are the same training (paired seeds, no noise)
-    clean = per_run[per_run["p"] == 0].groupby(["activation", "repeat"])["test_accuracy"].nunique()
-    assert (clean == 1).all()
+    # one clean run per activation and repeat, the p = 0 point of every noise type
+    assert per_run[per_run["p"] == 0].groupby(["activation", "repeat"]).size().tolist() == [1] * 4
+    at_zero = summary[summary["p"] == 0].groupby("activation")["test_accuracy_mean"].nunique()
+    assert (at_zero == 1).all()
 
 
 @pytest.mark.slow
@@ -796,14 +830,14 @@ def test_rerun_of_a_finished_campaign_runs_nothing_and_appends_to_its_log(smoke,
     log_before = (smoke["out"] / "campaign.log").read_text()
     code, stdout, _ = run_main(smoke["argv"])
     assert code == 0
-    assert "32 runs in the grid, 32 already done, 0 to run" in stdout
+    assert "20 runs in the grid, 20 already done, 0 to run" in stdout
     assert per_run_lines(stdout) == []
     assert snapshot(smoke["out"]) == before
     log = (smoke["out"] / "campaign.log").read_text()
-    assert log.startswith(log_before) and "32 runs in the grid, 32 already done" in log[len(log_before):]
+    assert log.startswith(log_before) and "20 runs in the grid, 20 already done" in log[len(log_before):]
 
 
-def failing_cell(cfg: nm.TrainConfig) -> bool:
+def failing_cell(cfg: registry.TrainConfig) -> bool:
     return cfg.noise_type == "pixel_uniform" and cfg.p == 0.5 and cfg.seed == rx.repeat_seed(0, 1)
 
 
@@ -826,7 +860,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(mnist, mnist_dir, tmp_p
     assert "[FAILED] mlp/relu pixel_uniform p=0.50 r1: RuntimeError: injected failure for this one cell" \
         in per_run_lines(stdout)
     assert f"  failed run {bad_id}: [FAILED] mlp/relu pixel_uniform p=0.50 r1" in stdout
-    assert "7 ok, 1 failed, 0 diverged, 0 pending." in stdout
+    assert "5 ok, 1 failed, 0 diverged, 0 pending." in stdout
     per_run = rs.read_csv(out / rs.PER_RUN_CSV).set_index("run_id")
     assert per_run.loc[bad_id, "status"] == "failed"
     assert "injected failure" in per_run.loc[bad_id, "error"]
@@ -834,9 +868,9 @@ def test_a_failing_run_is_recorded_and_the_others_finish(mnist, mnist_dir, tmp_p
     n = summary.set_index(["noise_type", "p"])["n"]
     assert n[("pixel_uniform", 0.5)] == 1 and n[("pixel_uniform", 0.0)] == 2
     history = rs.read_csv(out / rs.HISTORY_CSV)
-    assert bad_id not in set(history["run_id"]) and len(history) == 7
+    assert bad_id not in set(history["run_id"]) and len(history) == 5
     meta = json.loads((out / rs.CAMPAIGN_JSON).read_text())
-    assert meta["counts"] == {"done": 7, "failed": 1, "diverged": 0, "not_identifiable": 0, "pending": 0}
+    assert meta["counts"] == {"done": 5, "failed": 1, "diverged": 0, "not_identifiable": 0, "pending": 0}
     assert no_figures == [out]  # drawn from what there is
 
 
@@ -851,15 +885,15 @@ def test_same_campaign_twice_gives_identical_metrics(mnist, mnist_dir, tmp_path,
     assert run_main(tiny_argv(first, mnist_dir))[0] == 0
     assert run_main(tiny_argv(second, mnist_dir, "--max_workers", "1"))[0] == 0
     a, b = rs.RunStore(first).load(), rs.RunStore(second).load()
-    assert len(a) == 8 and set(a) == set(b)
+    assert len(a) == TINY_RUNS and set(a) == set(b)
     for run_id in a:
-        keys = METRIC_KEYS + [k for k in nm.METRICS + [f"history_{m}" for m in nm.HISTORY_METRICS]
+        keys = METRIC_KEYS + [k for k in [*registry.METRICS, *(f"history_{m}" for m in registry.per_epoch_metrics())]
                               if k in a[run_id] and k not in ("seconds", "train_seconds")]
         assert {"memorised_fraction", "noisy_test_accuracy"} & set(keys)  # the type-specific ones too
         assert same({k: a[run_id][k] for k in keys}, {k: b[run_id][k] for k in keys}), run_id
     # and the noise matters: p = 0.5 is not the same as p = 0
     accuracies = {(r["noise_type"], r["p"], r["repeat"]): r["test_accuracy"] for r in a.values()}
-    assert accuracies[("label_flip", 0.5, 0)] != accuracies[("label_flip", 0.0, 0)]
+    assert accuracies[("label_flip", 0.5, 0)] != accuracies[("none", 0.0, 0)]
 
 
 def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_dir, tmp_path):
@@ -876,7 +910,7 @@ def test_multithreaded_workers_start_after_the_caller_ran_threaded_torch(mnist_d
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     records = rs.RunStore(tmp_path).load()
-    assert len(records) == 4 and {r["status"] for r in records.values()} == {"ok"}
+    assert len(records) == TINY_RUNS // 2 and {r["status"] for r in records.values()} == {"ok"}
     assert {r["cpu_threads"] for r in records.values()} == {2}
 
 
@@ -885,34 +919,34 @@ def test_campaign_on_cuda(mnist_dir, tmp_path, no_figures):
     argv = tiny_argv(tmp_path, mnist_dir, "--use_cuda", "true", "--max_workers", "1")
     assert run_main(argv)[0] == 0
     records = rs.RunStore(tmp_path).load()
-    assert len(records) == 8 and {r["status"] for r in records.values()} == {"ok"}, records
+    assert len(records) == TINY_RUNS and {r["status"] for r in records.values()} == {"ok"}, records
     assert {r["use_cuda"] for r in records.values()} == {True}
 
 
 @pytest.mark.slow
 def test_label_matrix_campaign_end_to_end(mnist, mnist_dir, tmp_path):
-    """Two real runs (none / forward) of label_matrix with the matrix from a file, figures included."""
+    """Two real runs (ce / forward) of label_matrix with the matrix from a file, figures included."""
     path = write_json(tmp_path, "next.json", HALF_NEXT)
     out = tmp_path / "out"
     argv = ["--activations", "relu", "--noise_types", "label_matrix", "--noise_matrix", path,
-            "--loss_corrections", "none,forward", "--ps", "0.6", "--extra_label_ps", "", "--repeats", "1",
+            "--losses", "ce,forward", "--ps", "0.6", "--extra_label_ps", "", "--repeats", "1",
             "--epochs", "1", "--max_train_samples", "500", "--hidden_sizes", "16", "--max_workers", "1",
             "--data_dir", str(mnist_dir), "--output_dir", str(out)]
     code, stdout, stderr = run_main(argv)
     assert code == 0, stdout + stderr
-    assert "+forward" in stdout
+    assert " loss=forward p=0.60" in stdout
     records = rs.RunStore(out).load()
     specs = rx.build_grid(config_of(*argv))
     assert set(records) == {s.run_id for s in specs} and len(records) == 2
-    assert {r["loss_correction"] for r in records.values()} == {"none", "forward"}
+    assert {r["loss"] for r in records.values()} == {"ce", "forward"}
     for record in records.values():
         assert record["status"] == "ok"
         assert json.loads(record["noise_matrix"]) == HALF_NEXT  # stored as JSON
         assert 0 <= record["memorised_fraction"] <= 1
     per_run = rs.read_csv(out / rs.PER_RUN_CSV)
-    assert sorted(per_run["loss_correction"]) == ["forward", "none"]
+    assert sorted(per_run["loss"]) == ["ce", "forward"]
     summary = rs.read_csv(out / rs.SUMMARY_CSV)
-    assert len(summary) == 2 and (summary["n"] == 1).all()  # corrections are never pooled
+    assert len(summary) == 2 and (summary["n"] == 1).all()  # losses are never pooled
     assert len(rs.read_csv(out / rs.RELIABILITY_CSV)) == 2 * ECE_BINS
     assert list((out / "figures").glob("*.png")) and "Could not draw the figures" not in stderr
 
@@ -936,10 +970,11 @@ def csv_writes(monkeypatch, tmp_path):
 
 
 def test_csvs_are_refreshed_during_the_campaign(mnist, mnist_dir, tmp_path, monkeypatch, csv_writes, no_figures):
-    monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", -1)  # due after every run
+    monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", -1)  # due after every run, however long a write takes
+    monkeypatch.setattr(rx, "CSV_REFRESH_SHARE", math.inf)
     code, _, _ = run_main(tiny_argv(tmp_path / "out", mnist_dir))
     assert code == 0
-    assert csv_writes == [(k, k) for k in range(1, 9)] + [(8, 8)]  # and once more at the end
+    assert csv_writes == [(k, k) for k in range(1, TINY_RUNS + 1)] + [(TINY_RUNS, TINY_RUNS)]  # and once at the end
 
 
 def test_csvs_are_refreshed_at_most_every_csv_refresh_seconds(mnist, mnist_dir, tmp_path, monkeypatch, csv_writes,
@@ -947,7 +982,7 @@ def test_csvs_are_refreshed_at_most_every_csv_refresh_seconds(mnist, mnist_dir, 
     monkeypatch.setattr(rx, "CSV_REFRESH_SECONDS", 3600)
     code, _, _ = run_main(tiny_argv(tmp_path / "out", mnist_dir))
     assert code == 0
-    assert csv_writes == [(1, 1), (8, 8)]  # after the first run (a report can follow at once), then at the end
+    assert csv_writes == [(1, 1), (TINY_RUNS, TINY_RUNS)]  # after the first run (a report can follow at once), then at the end
 
 
 # ================================================================ resuming
@@ -959,7 +994,7 @@ def tiny_campaign(mnist, mnist_dir, tmp_path, no_figures):
     argv = tiny_argv(out, mnist_dir)
     code, stdout, stderr = run_main(argv)
     assert code == 0, stdout + stderr
-    assert len(run_files(out)) == 8
+    assert len(run_files(out)) == TINY_RUNS
     return out, argv
 
 
@@ -969,7 +1004,7 @@ def test_extending_the_grid_runs_only_the_new_runs(tiny_campaign):
 
     code, stdout, _ = run_main([*argv, "--ps", "0,0.5,0.8"])
     assert code == 0, stdout
-    assert "12 runs in the grid, 8 already done, 4 to run" in stdout
+    assert "10 runs in the grid, 6 already done, 4 to run" in stdout
     assert progress(stdout) == ["1/4", "2/4", "3/4", "4/4"]
     assert all("p=0.80" in line for line in per_run_lines(stdout))
     middle = snapshot(out)
@@ -978,22 +1013,22 @@ def test_extending_the_grid_runs_only_the_new_runs(tiny_campaign):
 
     code, stdout, _ = run_main([*argv, "--ps", "0,0.5,0.8", "--repeats", "3"])
     assert code == 0, stdout
-    assert "18 runs in the grid, 12 already done, 6 to run" in stdout
+    assert "15 runs in the grid, 10 already done, 5 to run" in stdout
     after = snapshot(out)
     assert {k: after[k] for k in middle} == middle
     assert {r["repeat"] for k, r in rs.RunStore(out).load().items() if k not in middle} == {2}
-    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 18
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 15
     summary = rs.read_csv(out / rs.SUMMARY_CSV)
     assert len(summary) == 6 and (summary["n"] == 3).all()
 
     # shrinking the grid back runs nothing; the stored extra runs stay in the CSVs
     code, stdout, _ = run_main(argv)
-    assert code == 0 and "8 runs in the grid, 8 already done, 0 to run" in stdout
+    assert code == 0 and "6 runs in the grid, 6 already done, 0 to run" in stdout
     assert snapshot(out) == after
-    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 18
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 15
 
 
-def bad_cell(cfg: nm.TrainConfig) -> bool:
+def bad_cell(cfg: registry.TrainConfig) -> bool:
     return cfg.noise_type == "label_flip" and cfg.p == 0.5 and cfg.seed == rx.repeat_seed(0, 0)
 
 
@@ -1010,14 +1045,14 @@ def test_failed_runs_are_retried_until_max_attempts(mnist, mnist_dir, tmp_path, 
 
     code, stdout, _ = run_main(argv)
     assert code == 1 and f"failed run {bad_id}" in stdout
-    assert "8 runs in the grid, 0 already done, 8 to run" in stdout
+    assert "6 runs in the grid, 0 already done, 6 to run" in stdout
     record = rs.RunStore(out).load()[bad_id]
     assert (record["status"], record["attempts"], record["error"]) == ("failed", 1, "RuntimeError: injected failure")
     others = {k: v for k, v in snapshot(out).items() if k != bad_id}
 
     code, stdout, _ = run_main(argv)  # attempt 2 of 2
     assert code == 1 and f"failed run {bad_id}" in stdout
-    assert "8 runs in the grid, 7 already done, 1 to run" in stdout
+    assert "6 runs in the grid, 5 already done, 1 to run" in stdout
     assert progress(stdout) == ["1/1"]
     assert rs.RunStore(out).load()[bad_id]["attempts"] == 2
     assert {k: v for k, v in snapshot(out).items() if k != bad_id} == others
@@ -1025,7 +1060,7 @@ def test_failed_runs_are_retried_until_max_attempts(mnist, mnist_dir, tmp_path, 
 
     code, stdout, _ = run_main(argv)  # no tries left: reported, not retried
     assert code == 1 and f"failed run {bad_id}" in stdout and "injected failure" in stdout
-    assert "8 runs in the grid, 7 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
+    assert "6 runs in the grid, 5 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out)[bad_id] == stamp
     per_run = rs.read_csv(out / rs.PER_RUN_CSV).set_index("run_id")
     assert per_run.loc[bad_id, "status"] == "failed" and per_run.loc[bad_id, "attempts"] == 2
@@ -1047,7 +1082,7 @@ def test_failed_runs_are_not_retried_when_retry_failed_is_off(mnist, mnist_dir, 
     stamps = snapshot(out)
     broken_cell()
     code, stdout, _ = run_main(argv)
-    assert code == 1 and "8 runs in the grid, 7 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
+    assert code == 1 and "6 runs in the grid, 5 already done, 1 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out) == stamps
     code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # retry_failed back on
     assert code == 0 and "1 to run" in stdout
@@ -1066,7 +1101,7 @@ def test_diverged_runs_are_recorded_and_not_rerun(mnist, mnist_dir, tmp_path, no
         assert record["status"] == "diverged" and record["attempts"] == 1
         assert record["diverged_epoch"] == 1 and record["diverged_step"] >= 1
         assert f"training loss became nan at step {record['diverged_step']} of epoch 1" == record["error"]
-        assert f"  diverged run {run_id}: [DIVERGED] mlp/relu label_flip p=0.00" in stdout
+        assert f"  diverged run {run_id}: [DIVERGED] mlp/relu none p=0.00" in stdout
     assert len(per_run_lines(stdout)) == 2 and all(line.startswith("[DIVERGED] ") for line in per_run_lines(stdout))
     assert "0 ok, 0 failed, 2 diverged, 0 pending." in stdout
     per_run = rs.read_csv(out / rs.PER_RUN_CSV)
@@ -1084,8 +1119,7 @@ def test_forward_correction_with_a_singular_transition_matrix_is_not_run(mnist, 
     """label_flip at p = 0.9 makes T singular: its forward-corrected runs are recorded as
     not_identifiable without training, never summarised, never rerun; the others train."""
     out = tmp_path / "results"
-    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0.5,0.9", "--loss_corrections",
-                     "none,forward")
+    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0.5,0.9", "--losses", "ce,forward")
     code, stdout, stderr = run_main(argv + ["--dry-run"])  # named before anything runs
     note = ("note: forward correction is not identifiable at label_flip p=0.9 (T singular or condition number above "
             "10000); those runs are recorded as not_identifiable and not trained.")
@@ -1096,12 +1130,12 @@ def test_forward_correction_with_a_singular_transition_matrix_is_not_run(mnist, 
     assert lines.index(note) < next(i for i, line in enumerate(lines) if line.startswith("[1/"))
     records = rs.RunStore(out).load().values()
     skipped = [r for r in records if r["status"] == "not_identifiable"]
-    assert len(skipped) == 2 and all(r["loss_correction"] == "forward" and r["p"] == 0.9 for r in skipped)
+    assert len(skipped) == 2 and all(r["loss"] == "forward" and r["p"] == 0.9 for r in skipped)
     assert all("seconds" not in r and "condition number" in r["error"] for r in skipped)
     assert sum(r["status"] == "ok" for r in records) == 6
     assert "6 ok, 0 failed, 0 diverged, 0 pending. 2 not run: forward correction with a singular T." in stdout
     summary = rs.read_csv(out / rs.SUMMARY_CSV)
-    assert len(summary) == 3 and not ((summary["p"] == 0.9) & (summary["loss_correction"] == "forward")).any()
+    assert len(summary) == 3 and not ((summary["p"] == 0.9) & (summary["loss"] == "forward")).any()
     code, stdout, _ = run_main(argv)
     assert code == 0 and "0 to run" in stdout
 
@@ -1128,8 +1162,8 @@ def test_storage_error_stops_the_campaign_keeping_what_is_stored(mnist, mnist_di
     assert sorted(run_files(out)) == sorted(saved)
     monkeypatch.setattr(rs.RunStore, "save", real_save)  # space freed
     code, stdout, _ = run_main(argv)
-    assert code == 0 and "8 runs in the grid, 2 already done, 6 to run" in stdout
-    assert len(rs.RunStore(out).load()) == 8
+    assert code == 0 and "6 runs in the grid, 2 already done, 4 to run" in stdout
+    assert len(rs.RunStore(out).load()) == TINY_RUNS
 
 
 def test_a_second_campaign_in_the_same_output_dir_is_refused(mnist, mnist_dir, tmp_path, no_figures):
@@ -1147,7 +1181,7 @@ def test_a_second_campaign_in_the_same_output_dir_is_refused(mnist, mnist_dir, t
     finally:
         running.close()
     code, stdout, _ = run_main(tiny_argv(out, mnist_dir))  # once it has finished
-    assert code == 0 and len(run_files(out)) == 8
+    assert code == 0 and len(run_files(out)) == TINY_RUNS
 
 
 def test_the_lock_of_a_dead_campaign_is_taken_over(mnist, mnist_dir, tmp_path, no_figures):
@@ -1157,7 +1191,7 @@ def test_the_lock_of_a_dead_campaign_is_taken_over(mnist, mnist_dir, tmp_path, n
     (out / "campaign.lock").write_text("PID 999999 on a-host-that-died")
     code, stdout, stderr = run_main(tiny_argv(out, mnist_dir))
     assert code == 0, stdout + stderr
-    assert len(run_files(out)) == 8
+    assert len(run_files(out)) == TINY_RUNS
     assert (out / "campaign.lock").read_text() == f"PID {os.getpid()} on {platform.node()}"
 
 
@@ -1200,10 +1234,10 @@ def test_fresh_moves_old_results_aside_and_runs_everything(tiny_campaign):
     moved = Path(moved_lines[0].removeprefix("Moved the previous results to ").strip())
     assert moved.is_dir() and moved.parent == out.parent and moved.name.startswith(out.name + ".old-")
     assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == old_files
-    assert "8 runs in the grid, 0 already done, 8 to run" in stdout
-    assert len(per_run_lines(stdout)) == 8
+    assert "6 runs in the grid, 0 already done, 6 to run" in stdout
+    assert len(per_run_lines(stdout)) == TINY_RUNS
     new = rs.RunStore(out).load()
-    assert len(new) == 8
+    assert len(new) == TINY_RUNS
     assert {k: v["test_accuracy"] for k, v in new.items()} == \
         {k: v["test_accuracy"] for k, v in rs.RunStore(moved).load().items()}
     log = (out / "campaign.log").read_text()

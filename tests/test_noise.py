@@ -12,10 +12,12 @@ import torch
 from scipy import stats
 
 import nnet_models as nm
-from nnet_models import corrupt_labels, corrupt_pixels, grey_level_quantiles, make_generator, pixel_intensity_cdf
+import registry
+from nnet_models import corrupt_pixels, grey_level_quantiles, make_generator, pixel_intensity_cdf
 
-K = nm.NUM_CLASSES
+K = registry.NUM_CLASSES
 CPU = torch.device("cpu")
+LABEL_TYPES = registry.of_kind("label")
 
 
 def gen(seed: int = 0, stream: str = "test") -> torch.Generator:
@@ -30,9 +32,11 @@ def as_tuples(matrix) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(x) for x in row) for row in matrix)
 
 
-# The label noise types that corrupt exactly round(p*N) examples with draws that do not depend
-# on p: all but label_matrix, which draws every example's label from a row of T.
-EXACT_COUNT_TYPES = tuple(t for t in nm.LABEL_NOISE_TYPES if t != "label_matrix")
+def corrupt_labels(labels, p, noise_type, generator, noise_matrix=None):
+    """nm.corrupt_labels with the noise type's M, as a run draws it (noise_matrix: label_matrix's M)."""
+    relabel = torch.from_numpy(registry.relabel_matrix(noise_type, noise_matrix))
+    return nm.corrupt_labels(labels, p, relabel, generator)
+
 
 IDENTITY = [[1.0 if i == j else 0.0 for j in range(K)] for i in range(K)]
 UNIFORM = [[1.0 / K] * K for _ in range(K)]
@@ -40,7 +44,7 @@ FLIP = [[0.0 if i == j else 1.0 / (K - 1) for j in range(K)] for i in range(K)]
 NEXT = [[1.0 if j == (i + 1) % K else 0.0 for j in range(K)] for i in range(K)]  # k -> k+1 mod K
 # half the mass stays, half goes to the next class
 HALF_NEXT = [[0.5 if j in (i, (i + 1) % K) else 0.0 for j in range(K)] for i in range(K)]
-# each exact-count type's own noise matrix: with it, label_matrix has the same T as the type
+# each named type's own noise matrix: with it, label_matrix has the same T as the type
 NOISE_MATRIX_OF = {"label_uniform": UNIFORM, "label_flip": FLIP, "label_pairflip": NEXT}
 
 
@@ -72,22 +76,19 @@ def assert_rows_match(table: np.ndarray, expected: np.ndarray, sigmas: float = 6
 # ================================================================ label noise: counts and masks
 
 
-def test_every_label_noise_type_but_label_matrix_corrupts_an_exact_count():
-    """label_matrix is the one type whose number of changed labels is random (tested apart);
-    every other type is covered by the exact-count tests below."""
-    labels = random_labels(1000)
-    for noise_type in nm.LABEL_NOISE_TYPES:
-        counts = {int(corrupt_labels(labels, 0.3, noise_type, gen(seed), noise_matrix=HALF_NEXT)[1].sum())
-                  for seed in range(5)}
-        assert (counts == {300}) == (noise_type in EXACT_COUNT_TYPES), (noise_type, counts)
+def test_the_label_noise_types_are_the_registry_entries_of_kind_label():
+    assert LABEL_TYPES == ("label_uniform", "label_flip", "label_pairflip", "label_matrix")
+    assert registry.of_kind("pixel") == ("pixel_uniform", "pixel_empirical")
+    assert registry.of_kind("none") == (registry.CLEAN,) and registry.CLEAN not in registry.NOISY_TYPES
 
 
-@pytest.mark.parametrize("noise_type", EXACT_COUNT_TYPES)
+@pytest.mark.parametrize("noise_type", LABEL_TYPES)
 @pytest.mark.parametrize("n", [1000, 997, 7])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.333, 0.5, 0.9, 1.0])
-def test_exactly_round_pN_examples_are_corrupted(noise_type, n, p):
+def test_exactly_round_pN_examples_are_redrawn(noise_type, n, p):
+    """Every label noise type, label_matrix too, redraws exactly round(pN) labels from rows of its M."""
     labels = random_labels(n)
-    noisy, mask = corrupt_labels(labels, p, noise_type, gen())
+    noisy, mask = corrupt_labels(labels, p, noise_type, gen(), noise_matrix=HALF_NEXT)
     assert mask.dtype == torch.bool and mask.shape == (n,)
     assert int(mask.sum()) == round(p * n)
     assert noisy.shape == labels.shape and noisy.dtype == labels.dtype
@@ -100,9 +101,10 @@ def test_non_integer_pN_uses_round():
     labels = random_labels(997)
     assert int(corrupt_labels(labels, 0.25, "label_uniform", gen())[1].sum()) == 249
     assert int(corrupt_labels(labels, 0.333, "label_flip", gen())[1].sum()) == 332
+    assert int(corrupt_labels(labels, 0.333, "label_matrix", gen(), noise_matrix=HALF_NEXT)[1].sum()) == 332
 
 
-@pytest.mark.parametrize("noise_type", nm.LABEL_NOISE_TYPES)
+@pytest.mark.parametrize("noise_type", LABEL_TYPES)
 def test_p_zero_returns_labels_unchanged_and_input_is_not_modified(noise_type):
     labels = random_labels(500)
     original = labels.clone()
@@ -166,11 +168,11 @@ def test_label_flip_at_p_K_minus_1_over_K_makes_labels_uninformative():
     assert stats.chi2_contingency(table_half).pvalue < 1e-12
 
 
-@pytest.mark.parametrize("noise_type", EXACT_COUNT_TYPES)
+@pytest.mark.parametrize("noise_type", LABEL_TYPES)
 def test_corrupted_sets_are_nested_in_p(noise_type):
     labels = random_labels(5_000)
     ps = [0.0, 0.05, 0.2, 0.3, 0.6, 0.9, 1.0]
-    results = [corrupt_labels(labels, p, noise_type, gen(6)) for p in ps]
+    results = [corrupt_labels(labels, p, noise_type, gen(6), noise_matrix=HALF_NEXT) for p in ps]
     for (noisy_a, mask_a), (noisy_b, mask_b) in zip(results, results[1:]):
         assert not (mask_a & ~mask_b).any(), "smaller-p corrupted set must be a subset"
         # the draws do not depend on p: a shared corrupted example gets the same new label
@@ -186,13 +188,12 @@ def test_same_generator_seed_reproduces_label_noise_and_different_seed_does_not(
     assert not torch.equal(a[1], c[1])
 
 
-def test_unknown_label_noise_type_raises_naming_allowed():
-    with pytest.raises(ValueError) as info:
-        corrupt_labels(random_labels(10), 0.5, "label_gaussian", gen())
-    msg = str(info.value)
-    assert "label_gaussian" in msg
-    for allowed in nm.LABEL_NOISE_TYPES:
-        assert allowed in msg
+def test_relabel_matrix_of_each_kind():
+    assert registry.relabel_matrix("pixel_uniform") is None and registry.relabel_matrix(registry.CLEAN) is None
+    np.testing.assert_array_equal(registry.relabel_matrix("label_flip"), FLIP)
+    np.testing.assert_array_equal(registry.relabel_matrix("label_matrix", HALF_NEXT), HALF_NEXT)
+    with pytest.raises(KeyError, match="label_gaussian"):
+        registry.relabel_matrix("label_gaussian")
 
 
 # ================================================================ pair flip
@@ -228,15 +229,15 @@ def test_pairflip_picks_examples_regardless_of_class():
 
 def test_check_noise_matrix_accepts_row_stochastic_matrices():
     for matrix in (IDENTITY, UNIFORM, FLIP, NEXT, HALF_NEXT, as_tuples(HALF_NEXT)):
-        checked = nm.check_noise_matrix(matrix)
-        assert checked.dtype == torch.float64 and checked.shape == (K, K)
-        assert torch.equal(checked, torch.tensor(matrix, dtype=torch.float64))
+        checked = registry.check_noise_matrix(matrix)
+        assert checked.dtype == np.float64 and checked.shape == (K, K)
+        assert np.array_equal(checked, np.array(matrix, dtype=np.float64))
     # rounding in the last digits of a row sum is fine
     almost = [row[:] for row in UNIFORM]
     almost[0][0] += 1e-9
-    nm.check_noise_matrix(almost)
+    registry.check_noise_matrix(almost)
     # another number of classes
-    assert nm.check_noise_matrix([[0.5, 0.5], [0.0, 1.0]], num_classes=2).shape == (2, 2)
+    assert registry.check_noise_matrix([[0.5, 0.5], [0.0, 1.0]], num_classes=2).shape == (2, 2)
 
 
 @pytest.mark.parametrize("matrix, words", [
@@ -246,11 +247,11 @@ def test_check_noise_matrix_accepts_row_stochastic_matrices():
     ([0.1] * 10, ["10x10", "(10,)"]),
     ([[1.0] + [0.0] * 9] * 9 + [[1.0]], ["10x10", "list of lists of numbers"]),  # ragged
     ([["a"] * 10] * 10, ["10x10", "numbers"]),
-    (None, ["10x10", "numbers"]),
+    (None, ["10x10", "()"]),
 ])
 def test_check_noise_matrix_rejects_wrong_shapes(matrix, words):
     with pytest.raises(ValueError) as info:
-        nm.check_noise_matrix(matrix)
+        registry.check_noise_matrix(matrix)
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -259,7 +260,7 @@ def test_check_noise_matrix_rejects_negative_entries():
     matrix = [row[:] for row in IDENTITY]
     matrix[4][4], matrix[4][5] = 1.25, -0.25  # the row still sums to 1
     with pytest.raises(ValueError, match="negative"):
-        nm.check_noise_matrix(matrix)
+        registry.check_noise_matrix(matrix)
 
 
 @pytest.mark.parametrize("row, total", [(3, "0.9"), (7, "1.1"), (0, "0")])
@@ -267,7 +268,7 @@ def test_check_noise_matrix_rejects_rows_not_summing_to_one(row, total):
     matrix = [r[:] for r in IDENTITY]
     matrix[row][row] = float(total)
     with pytest.raises(ValueError) as info:
-        nm.check_noise_matrix(matrix)
+        registry.check_noise_matrix(matrix)
     message = str(info.value)
     assert f"row {row}" in message and f"sums to {total}" in message and "sum to 1" in message
 
@@ -279,7 +280,9 @@ def test_label_matrix_needs_a_valid_matrix_when_used():
     with pytest.raises(ValueError, match="negative"):
         corrupt_labels(labels, 0.5, "label_matrix", gen(), noise_matrix=[[2.0, -1.0] + [0.0] * 8] + IDENTITY[1:])
     with pytest.raises(ValueError, match="10x10"):
-        nm.transition_matrix("label_matrix", 0.3, None)
+        registry.transition_matrix("label_matrix", 0.3, None)
+    with pytest.raises(ValueError, match="10x10"):
+        nm.transition_matrix(registry.TrainConfig(noise_type="label_matrix", p=0.3))
 
 
 # ================================================================ transition matrices
@@ -295,24 +298,30 @@ def test_transition_matrix_of_each_type(p):
         "label_matrix": (1 - p) * eye + p * np.array(HALF_NEXT),
         "pixel_uniform": eye,
         "pixel_empirical": eye,
+        "none": eye,
     }
-    assert set(expected) == set(nm.NOISE_TYPES)  # every type is checked by hand
+    assert set(expected) == set(registry.NOISE_TYPES)  # every type is checked by hand
     for noise_type, want in expected.items():
-        got = nm.transition_matrix(noise_type, p, HALF_NEXT)
-        assert got.dtype == torch.float64 and got.shape == (K, K)
-        np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=noise_type)
-        np.testing.assert_allclose(got.sum(1).numpy(), 1.0, atol=1e-12)
-    assert nm.transition_matrix("label_pairflip", 1.0)[9, 0] == 1.0  # k -> k+1 mod K, 9 -> 0
+        got = registry.transition_matrix(noise_type, p, HALF_NEXT)
+        assert got.dtype == np.float64 and got.shape == (K, K)
+        np.testing.assert_allclose(got, want, atol=1e-12, err_msg=noise_type)
+        np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-12)
+        # a run's T: the same matrix, as float32 for the loss
+        cfg = registry.TrainConfig(noise_type=noise_type, p=p, noise_matrix=as_tuples(HALF_NEXT))
+        assert nm.transition_matrix(cfg).dtype == torch.float32
+        np.testing.assert_allclose(nm.transition_matrix(cfg).numpy(), want, atol=1e-7, err_msg=noise_type)
+    assert registry.transition_matrix("label_pairflip", 1.0)[9, 0] == 1.0  # k -> k+1 mod K, 9 -> 0
     # a type expressed through its own matrix M is label_matrix with that M
     for noise_type, matrix in NOISE_MATRIX_OF.items():
-        assert torch.allclose(nm.transition_matrix(noise_type, p), nm.transition_matrix("label_matrix", p, matrix))
+        np.testing.assert_allclose(registry.transition_matrix(noise_type, p),
+                                   registry.transition_matrix("label_matrix", p, matrix), atol=1e-12)
 
 
 @pytest.mark.parametrize("noise_type, p", [("label_uniform", 0.6), ("label_flip", 0.6), ("label_pairflip", 0.3),
                                            ("label_uniform", 1.0), ("label_flip", 0.9)])
 def test_label_noise_types_have_the_statistics_of_their_transition_matrix(noise_type, p):
     labels = random_labels(N_LABELS)
-    expected = nm.transition_matrix(noise_type, p).numpy()
+    expected = registry.transition_matrix(noise_type, p)
     exact, _ = corrupt_labels(labels, p, noise_type, gen(21))
     as_matrix, _ = corrupt_labels(labels, p, "label_matrix", gen(22), noise_matrix=NOISE_MATRIX_OF[noise_type])
     exact_table, matrix_table = confusion(labels, exact), confusion(labels, as_matrix)
@@ -329,7 +338,7 @@ def test_the_transition_statistics_check_has_power():
     labels = random_labels(N_LABELS)
     flipped, _ = corrupt_labels(labels, 0.6, "label_flip", gen(21))
     with pytest.raises(AssertionError):
-        assert_rows_match(confusion(labels, flipped), nm.transition_matrix("label_uniform", 0.6).numpy())
+        assert_rows_match(confusion(labels, flipped), registry.transition_matrix("label_uniform", 0.6))
 
 
 def test_label_matrix_with_an_asymmetric_matrix():
@@ -337,19 +346,22 @@ def test_label_matrix_with_an_asymmetric_matrix():
     p = 0.6
     noisy, mask = corrupt_labels(labels, p, "label_matrix", gen(23), noise_matrix=HALF_NEXT)
     assert noisy.dtype == labels.dtype and noisy.shape == labels.shape
-    assert torch.equal(mask, noisy != labels)  # the mask marks the changed labels
-    assert_rows_match(confusion(labels, noisy), nm.transition_matrix("label_matrix", p, HALF_NEXT).numpy())
-    # every example independently: Binomial(N, p * 0.5) changed, not an exact count
-    changed, rate = int(mask.sum()), p * 0.5
-    assert abs(changed - N_LABELS * rate) < 6 * math.sqrt(N_LABELS * rate * (1 - rate))
-    assert torch.equal(noisy[mask], (labels[mask] + 1) % K)  # only k -> k+1 has mass off the diagonal
+    assert_rows_match(confusion(labels, noisy), registry.transition_matrix("label_matrix", p, HALF_NEXT))
+    # exactly round(pN) redrawn (the mask), each from M[y]: half of them keep their label, half go to y + 1
+    changed = noisy != labels
+    assert int(mask.sum()) == round(p * N_LABELS) and not (changed & ~mask).any()
+    redrawn = int(mask.sum())
+    assert abs(int(changed.sum()) - redrawn / 2) < 6 * math.sqrt(redrawn / 4)
+    assert torch.equal(noisy[changed], (labels[changed] + 1) % K)  # only k -> k+1 has mass off the diagonal
 
 
 def test_label_matrix_extremes_are_exact():
     labels = random_labels(5_000)
-    for p, matrix in [(0.0, HALF_NEXT), (1.0, IDENTITY), (0.7, IDENTITY)]:
-        noisy, mask = corrupt_labels(labels, p, "label_matrix", gen(24), noise_matrix=matrix)
-        assert torch.equal(noisy, labels) and not mask.any()
+    noisy, mask = corrupt_labels(labels, 0.0, "label_matrix", gen(24), noise_matrix=HALF_NEXT)
+    assert torch.equal(noisy, labels) and not mask.any()
+    for p in (1.0, 0.7):  # M = I: labels redrawn, each to itself
+        noisy, mask = corrupt_labels(labels, p, "label_matrix", gen(24), noise_matrix=IDENTITY)
+        assert torch.equal(noisy, labels) and int(mask.sum()) == round(p * 5_000)
     noisy, mask = corrupt_labels(labels, 1.0, "label_matrix", gen(24), noise_matrix=NEXT)
     assert torch.equal(noisy, (labels + 1) % K) and mask.all()
     # reproducible from the generator's seed, different for another seed
@@ -574,7 +586,7 @@ def test_training_batches_carry_the_noise_of_corrupt_pixels(kind, mnist_train_im
     """Batches are noised on the grey-level scale (0-255) and standardized; that must be the
     same noise as corrupt_pixels on [0, 1] images, from the run's pixel_noise stream, with the
     grey levels of the source's own images."""
-    cfg = nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.4, seed=5)
+    cfg = registry.TrainConfig(noise_type=f"pixel_{kind}", p=0.4, seed=5)
     source = nm.BatchSource(cfg, mnist_train_images, CPU)
     if kind == "empirical":
         assert torch.equal(source.cdf, mnist_cdf)
@@ -589,7 +601,7 @@ def test_training_batches_carry_the_noise_of_corrupt_pixels(kind, mnist_train_im
 def test_batch_source_uses_a_given_cdf_and_its_own_stream(mnist_train_images):
     """The validation and noisy-test sources draw the training images' grey levels, from
     streams of their own."""
-    cfg = nm.TrainConfig(noise_type="pixel_empirical", p=1.0, seed=2)
+    cfg = registry.TrainConfig(noise_type="pixel_empirical", p=1.0, seed=2)
     only_100 = pixel_intensity_cdf(torch.full((10,), 100, dtype=torch.uint8))
     source = nm.BatchSource(cfg, mnist_train_images, CPU, "test_noise", only_100)
     assert torch.allclose(source.batch(INDICES), torch.full((5, 1, 28, 28), (100 / 255 - 0.1307) / 0.3081),
@@ -598,7 +610,7 @@ def test_batch_source_uses_a_given_cdf_and_its_own_stream(mnist_train_images):
     other = nm.BatchSource(cfg, mnist_train_images, CPU, "validation_noise")
     assert not torch.equal(training.batch(INDICES), other.batch(INDICES))
     # without normalization the batches are grey levels / 255
-    raw = nm.BatchSource(nm.TrainConfig(normalize=False), mnist_train_images, CPU)
+    raw = nm.BatchSource(registry.TrainConfig(normalize=False), mnist_train_images, CPU)
     assert torch.allclose(raw.batch(INDICES), mnist_train_images[INDICES].float() / 255, rtol=1e-6, atol=0)
 
 
@@ -606,13 +618,13 @@ def test_batch_source_uses_a_given_cdf_and_its_own_stream(mnist_train_images):
 def test_training_batches_at_p_zero_are_clean_and_draw_no_noise(kind, mnist_train_images):
     """At p = 0 no pixel noise is drawn (it would replace nothing): the batches are those of a
     run without pixel noise, bit for bit, and the pixel-noise stream is left untouched."""
-    noisy = nm.BatchSource(nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.0, seed=5), mnist_train_images, CPU)
-    clean = nm.BatchSource(nm.TrainConfig(noise_type="label_uniform", p=0.0, seed=5), mnist_train_images, CPU)
+    noisy = nm.BatchSource(registry.TrainConfig(noise_type=f"pixel_{kind}", p=0.0, seed=5), mnist_train_images, CPU)
+    clean = nm.BatchSource(registry.TrainConfig(noise_type=registry.CLEAN, p=0.0, seed=5), mnist_train_images, CPU)
     state = noisy.generator.get_state()
     assert torch.equal(noisy.batch(INDICES), clean.batch(INDICES))
     assert torch.equal(noisy.generator.get_state(), state)
-    assert nm.TrainConfig(noise_type=f"pixel_{kind}", p=0.01).draws_pixel_noise
-    assert not nm.TrainConfig(noise_type="label_flip", p=0.5).draws_pixel_noise
+    assert registry.TrainConfig(noise_type=f"pixel_{kind}", p=0.01).draws_pixel_noise
+    assert not registry.TrainConfig(noise_type="label_flip", p=0.5).draws_pixel_noise
 
 
 # ================================================================ named random streams

@@ -37,7 +37,7 @@ def test_committed_notebook_is_executed_on_the_reference_results_and_parameteris
 @pytest.mark.slow
 def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monkeypatch):
     records = grid_records(("relu", "tanh"), ("label_flip", "pixel_uniform"), seeds=(11, 22))
-    records += grid_records(("relu",), ("label_flip",), seeds=(11, 22), loss_correction="forward")
+    records += grid_records(("relu",), ("label_flip",), seeds=(11, 22), loss="forward")
     results_dir = campaign(tmp_path / "campaign", records)
     longer = campaign(results_dir / "memorisation", grid_records(("relu",), ("label_uniform",), seeds=(11, 22)))
     monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(results_dir))

@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-import nnet_models as nm
 import plots
+import registry
 import results_store as rs
 from conftest import LABEL_PS, PIXEL_PS, SEEDS, campaign, grid_records, record
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two permutation matrices for label_matrix: class k -> k + 1 and class k -> k + 2.
-MATRICES = tuple(tuple(tuple(float(j == (i + shift) % nm.NUM_CLASSES) for j in range(nm.NUM_CLASSES))
-                       for i in range(nm.NUM_CLASSES)) for shift in (1, 2))
+K = registry.NUM_CLASSES
+MATRICES = tuple(tuple(tuple(float(j == (i + shift) % K) for j in range(K)) for i in range(K)) for shift in (1, 2))
 
 
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory) -> Path:
     """relu and tanh under label_uniform, label_flip and pixel_uniform; relu's label_flip also with
-    forward correction on the same seeds; tanh's label_uniform with forward correction on other seeds."""
+    the forward loss on the same seeds; tanh's label_uniform with the forward loss on two of them."""
     records = grid_records()
-    records += grid_records(("relu",), ("label_flip",), loss_correction="forward")
-    records += grid_records(("tanh",), ("label_uniform",), seeds=SEEDS[:2], loss_correction="forward")
+    records += grid_records(("relu",), ("label_flip",), loss="forward")
+    records += grid_records(("tanh",), ("label_uniform",), seeds=SEEDS[:2], loss="forward")
     records += [{**record(SEEDS[0], "tanh", "label_uniform", 0.5), "run_id": "broken", "status": "failed"}]
     return campaign(tmp_path_factory.mktemp("campaign"), records)
 
@@ -49,7 +49,7 @@ def experiment_lines(summary, metrics) -> list[dict]:
         for metric in metrics:
             rows = part[part[f"{metric}_mean"].notna()]
             lines.append(dict(activation=rows["activation"].iloc[0] if len(rows) else None, metric=metric,
-                              noise_type=part["noise_type"].iloc[0], loss_correction=part["loss_correction"].iloc[0],
+                              noise_type=part["noise_type"].iloc[0], loss=part["loss"].iloc[0],
                               p=rows["p"].to_numpy(), mean=rows[f"{metric}_mean"].to_numpy(),
                               stderr=rows[f"{metric}_stderr"].to_numpy()))
     return lines
@@ -59,6 +59,10 @@ def matching_experiments(container, lines) -> list[dict]:
     line = container.lines[0]
     x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
     return [e for e in lines if len(e["p"]) == len(x) and np.array_equal(e["p"], x) and np.array_equal(e["mean"], y)]
+
+
+def is_paired_loss_panel(ax) -> bool:
+    return ax.get_ylabel() == plots.LABELS[plots.PAIRED_LOSS]
 
 
 def half_lengths(container) -> np.ndarray:
@@ -73,7 +77,7 @@ def half_lengths(container) -> np.ndarray:
     (lambda s, r: plots.plot_macro_metrics(s), ["test_macro_precision", "test_macro_recall", "test_macro_roc_auc"]),
     (lambda s, r: plots.plot_label_noise_theory(s), ["test_accuracy", "test_loss"]),
     (lambda s, r: plots.plot_calibration(s), ["test_ece", "test_mean_confidence"]),
-    (lambda s, r: plots.plot_loss_correction(s, r), ["test_accuracy", "test_loss"]),
+    (lambda s, r: plots.plot_losses(s, r), ["test_accuracy", "test_loss"]),
     (lambda s, r: plots.plot_pixel_test_matching(s), ["test_accuracy", "test_loss", "noisy_test_accuracy",
                                                       "noisy_test_loss"]),
     (lambda s, r: plots.plot_paired_differences(s), ["delta_test_accuracy", "delta_test_loss"]),
@@ -81,7 +85,7 @@ def half_lengths(container) -> np.ndarray:
 def test_every_line_is_one_experiment_with_standard_error_bars(results, draw, metrics):
     fig = draw(results.summary, results.runs)
     lines = experiment_lines(results.summary, metrics)
-    drawn = [(ax, c) for ax, c in errorbars(fig) if not ax.get_title().endswith("paired")]  # figure 10's own test
+    drawn = [(ax, c) for ax, c in errorbars(fig) if not is_paired_loss_panel(ax)]  # figure 10's own test
     assert drawn
     for ax, container in drawn:
         matches = matching_experiments(container, lines)
@@ -91,56 +95,75 @@ def test_every_line_is_one_experiment_with_standard_error_bars(results, draw, me
         np.testing.assert_allclose(half_lengths(container), experiment["stderr"], rtol=1e-9)
 
 
-def test_figures_one_to_nine_show_uncorrected_runs_and_corrected_ones_only_in_figure_ten(results):
+def loss_in(title: str) -> str:
+    """The loss a panel title names ("... · loss=forward · ..."); without one, ce."""
+    return next((part.removeprefix("loss=") for part in title.split(" · ") if part.startswith("loss=")), "ce")
+
+
+def test_figures_draw_each_loss_in_panels_of_its_own_and_compare_them_in_figure_ten(results):
     lines = experiment_lines(results.summary, ["test_accuracy"])
-    uncorrected = plots.plot_metric_vs_p(results.summary, "test_accuracy")
-    assert all(matching_experiments(c, lines)[0]["loss_correction"] == "none" for _, c in errorbars(uncorrected))
-    compared = plots.plot_loss_correction(results.summary, results.runs)
-    by_correction = {}
+    by_panel = plots.plot_metric_vs_p(results.summary, "test_accuracy")
+    for ax, container in errorbars(by_panel):
+        assert matching_experiments(container, lines)[0]["loss"] == loss_in(ax.get_title())
+    assert {loss_in(ax.get_title()) for ax, _ in errorbars(by_panel)} == {"ce", "forward"}
+    compared = plots.plot_losses(results.summary, results.runs)
+    by_loss = {}
     for ax, container in errorbars(compared):
         experiment = matching_experiments(container, lines)
-        if experiment:  # the accuracy panels
-            by_correction.setdefault(experiment[0]["loss_correction"], set()).add(
+        if experiment:  # the accuracy panels: a line per loss, labelled with it
+            assert container.get_label() == experiment[0]["loss"]
+            by_loss.setdefault(experiment[0]["loss"], set()).add(
                 (experiment[0]["activation"], experiment[0]["noise_type"]))
-    # tanh's corrected label_uniform runs used other seeds: no pair
-    assert by_correction == {"none": {("relu", "label_flip")}, "forward": {("relu", "label_flip")}}
+    assert by_loss["forward"] == {("relu", "label_flip"), ("tanh", "label_uniform")}
+    assert by_loss["ce"] >= by_loss["forward"]
 
 
-def test_loss_correction_panel_shows_forward_minus_none_paired_by_seed(results):
-    fig = plots.plot_loss_correction(results.summary, results.runs)
-    paired = [(ax, c) for ax, c in errorbars(fig) if ax.get_title().endswith("paired")]
-    assert [(ax.get_title(), c.get_label()) for ax, c in paired] == [
-        ("mnist · mlp · relu · paired", "label_flip, forward − none (paired)")]  # tanh: other seeds, no panel
-    effects = rs.forward_correction_effects(results.runs)
-    expected = effects[(effects["activation"] == "relu") & (effects["noise_type"] == "label_flip")].sort_values("p")
-    drawn = np.asarray(paired[0][1].lines[0].get_ydata(), float)
-    np.testing.assert_allclose(drawn, expected["forward_minus_none_test_accuracy_mean"])
-    np.testing.assert_allclose(half_lengths(paired[0][1]), expected["forward_minus_none_test_accuracy_stderr"])
+def test_losses_panel_shows_each_loss_minus_ce_paired_by_seed(results):
+    fig = plots.plot_losses(results.summary, results.runs)
+    paired = {ax.get_title(): c for ax, c in errorbars(fig) if is_paired_loss_panel(ax)}
+    assert sorted(paired) == ["mnist · mlp · relu · label_flip", "mnist · mlp · tanh · label_uniform"]
+    assert {c.get_label() for c in paired.values()} == {"forward"}
+    effects = rs.loss_effects(results.runs)
+    for (activation, noise_type), seeds in ((("relu", "label_flip"), SEEDS), (("tanh", "label_uniform"), SEEDS[:2])):
+        expected = effects[(effects["activation"] == activation) & (effects["noise_type"] == noise_type)]
+        expected = expected.sort_values("p")
+        assert expected["p"].tolist() == list(LABEL_PS) and (expected["n"] == len(seeds)).all()  # seeds of both
+        container = paired[f"mnist · mlp · {activation} · {noise_type}"]
+        np.testing.assert_allclose(np.asarray(container.lines[0].get_ydata(), float),
+                                   expected["minus_ce_test_accuracy_mean"])
+        np.testing.assert_allclose(half_lengths(container), expected["minus_ce_test_accuracy_stderr"])
+    # by hand at one point: tanh, label_uniform, p = 0.5, forward minus ce on seeds 11 and 22
+    ok = results.runs[results.runs["status"] == "ok"]
+    runs = ok.set_index(["activation", "noise_type", "p", "loss", "seed"])["test_accuracy"]
+    differences = [runs[("tanh", "label_uniform", 0.5, "forward", s)] - runs[("tanh", "label_uniform", 0.5, "ce", s)]
+                   for s in SEEDS[:2]]
+    row = effects[(effects["activation"] == "tanh") & (effects["p"] == 0.5)].iloc[0]
+    assert row["minus_ce_test_accuracy_mean"] == pytest.approx(np.mean(differences))
 
 
 def test_report_tables_hold_the_summary_values(results):
-    summary = results.summary.set_index(plots.EXPERIMENT + ["loss_correction"])
+    summary = results.summary.set_index(plots.EXPERIMENT + ["loss"])
     clean = plots.clean_table(results.summary)
     assert list(clean.index.get_level_values("activation")) == ["relu", "tanh"]  # one row each, not per noise type
-    row = summary.loc[("mnist", "mlp", "label_flip", "tanh", 0.0, "none")]  # the first noise type's
+    row = summary.loc[("mnist", "mlp", "label_flip", "tanh", 0.0, "ce")]  # the first noise type's
     assert clean.loc[("mnist", "mlp", "tanh"), "accuracy"] == round(row["test_accuracy_mean"], 4)
     assert clean.loc[("mnist", "mlp", "tanh"), "CI low"] == round(row["test_accuracy_ci95_low"], 4)
     accuracy = plots.metric_table(results.summary, "test_loss")
     assert accuracy.loc[("mnist", "mlp", "pixel_uniform", 0.5), "relu"] == round(
-        summary.loc[("mnist", "mlp", "pixel_uniform", "relu", 0.5, "none"), "test_loss_mean"], 3)
+        summary.loc[("mnist", "mlp", "pixel_uniform", "relu", 0.5, "ce"), "test_loss_mean"], 3)
     assert len(accuracy) == 2 * len(LABEL_PS) + len(PIXEL_PS)  # every noise level, uncorrected runs only
     excess = plots.posterior_excess_table(results.summary)
     assert excess.loc[("mnist", "mlp", "label_flip", 0.5), "relu"] == round(
-        summary.loc[("mnist", "mlp", "label_flip", "relu", 0.5, "none"), "test_loss_mean"] - np.log(2), 3)
+        summary.loc[("mnist", "mlp", "label_flip", "relu", 0.5, "ce"), "test_loss_mean"] - np.log(2), 3)
     assert 1.0 not in excess.loc[("mnist", "mlp", "label_uniform")].index  # at the information limit
     pixel = plots.pixel_test_table(results.summary)
     assert pixel.loc[("mnist", "mlp", "pixel_uniform", 0.9), ("tanh", "noisy test")] == round(
-        summary.loc[("mnist", "mlp", "pixel_uniform", "tanh", 0.9, "none"), "noisy_test_accuracy_mean"], 3)
+        summary.loc[("mnist", "mlp", "pixel_uniform", "tanh", 0.9, "ce"), "noisy_test_accuracy_mean"], 3)
 
 
 def test_memorisation_table_takes_the_epoch_of_highest_accuracy_and_the_last(results):
     table = plots.memorisation_table(results.curves)
-    curves = results.curves[results.curves["loss_correction"] == "none"].set_index(plots.EXPERIMENT)
+    curves = results.curves[results.curves["loss"] == "ce"].set_index(plots.EXPERIMENT)
     assert len(table) == 2 * 2 * 3  # relu and tanh x two label noise types x p in {0.5, 0.9, 1.0}
     for key, row in table.iterrows():
         curve = curves.loc[key].set_index("epoch")
@@ -154,7 +177,7 @@ def test_memorisation_table_takes_the_epoch_of_highest_accuracy_and_the_last(res
 def test_paired_vs_unpaired_table_by_hand(results):
     table = plots.paired_vs_unpaired_table(results.summary)
     assert table.loc["label_flip", "count"] == 2 * 3 and table.loc["pixel_uniform", "count"] == 2 * 2
-    summary = results.summary[results.summary["loss_correction"] == "none"].set_index(
+    summary = results.summary[results.summary["loss"] == "ce"].set_index(
         ["activation", "noise_type", "p"])
     ratios = [summary.loc[(a, "pixel_uniform", p), "delta_test_accuracy_stderr"]
               / np.hypot(summary.loc[(a, "pixel_uniform", p), "test_accuracy_stderr"],
@@ -179,26 +202,27 @@ def test_posterior_model_loss_is_drawn_only_below_the_information_limit(results)
     assert set(curves) == {"posterior_model:label_uniform", "posterior_model:label_flip"}  # not pixel noise
     for noise_type, line in ((t, curves[f"posterior_model:{t}"]) for t in ("label_uniform", "label_flip")):
         p = np.asarray(line.get_xdata())
-        assert p.min() == 0 and p.max() < plots.INFORMATION_LIMITS[noise_type] and p.max() > 0.89
-        np.testing.assert_allclose(line.get_ydata(), plots.posterior_model_loss(noise_type, p))
-    assert plots.INFORMATION_LIMITS["label_flip"] == (nm.NUM_CLASSES - 1) / nm.NUM_CLASSES
+        assert p.min() == 0 and p.max() < plots.information_limit(noise_type) and p.max() > 0.89
+        np.testing.assert_allclose(line.get_ydata(), registry.posterior_model_loss(noise_type, p))
+    assert plots.information_limit("label_flip") == pytest.approx((K - 1) / K)
+    assert plots.information_limit("pixel_uniform") is None and plots.information_limit("label_matrix") is None
     labels = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
     assert "model = noisy-label posterior (label_flip)" in labels
 
 
 def test_posterior_model_loss_of_each_label_noise_type():
-    k = nm.NUM_CLASSES
     # label_uniform keeps 1 - p + p/K on the true class; flips keep 1 - p
-    assert plots.posterior_model_loss("label_uniform", 0.5) == pytest.approx(-np.log(1 - 0.5 + 0.5 / k))
-    assert plots.posterior_model_loss("label_flip", 0.5) == pytest.approx(np.log(2))
-    assert plots.posterior_model_loss("label_pairflip", 0.25) == pytest.approx(-np.log(0.75))
+    assert registry.posterior_model_loss("label_uniform", 0.5) == pytest.approx(-np.log(1 - 0.5 + 0.5 / K))
+    assert registry.posterior_model_loss("label_flip", 0.5) == pytest.approx(np.log(2))
+    assert registry.posterior_model_loss("label_pairflip", 0.25) == pytest.approx(-np.log(0.75))
     # at the flip limit (K-1)/K the posterior is uniform: ln K
-    assert plots.posterior_model_loss("label_flip", (k - 1) / k) == pytest.approx(np.log(k))
+    assert registry.posterior_model_loss("label_flip", (K - 1) / K) == pytest.approx(np.log(K))
 
 
 def test_information_limit_lines_only_where_the_p_range_reaches_them(tmp_path):
-    records = [record(s, "relu", "label_flip", p) for p in (0.0, 0.3, 0.5) for s in SEEDS[:2]]
-    records += [record(s, "relu", "label_pairflip", p) for p in (0.0, 0.3, 0.5, 0.7) for s in SEEDS[:2]]
+    records = [record(s, "relu", "none", 0.0) for s in SEEDS[:2]]  # the clean runs: p = 0 of both types
+    records += [record(s, "relu", "label_flip", p) for p in (0.3, 0.5) for s in SEEDS[:2]]
+    records += [record(s, "relu", "label_pairflip", p) for p in (0.3, 0.5, 0.7) for s in SEEDS[:2]]
     summary = rs.read_results(campaign(tmp_path, records)).summary
     fig = plots.plot_metric_vs_p(summary, "test_loss")
     gids = {line.get_gid(): line for line in fig.axes[0].lines if line.get_gid()}
@@ -213,13 +237,16 @@ def test_information_limit_lines_only_where_the_p_range_reaches_them(tmp_path):
 
 def test_learning_curves_are_one_experiment_per_line(results):
     fig = plots.plot_learning_curves(results.curves)
-    curves = results.curves[results.curves["loss_correction"] == "none"]
+    curves = results.curves
     lines = [(ax, line) for ax in fig.axes for line in ax.lines]
-    assert len(lines) == 2 * 2 * (2 * len(LABEL_PS) + len(PIXEL_PS))  # metrics x activations x (noise, p)
+    experiments = curves[["loss", "activation", "noise_type", "p"]].drop_duplicates()
+    assert len(experiments) == 2 * (2 * len(LABEL_PS) + len(PIXEL_PS)) + 2 * len(LABEL_PS)  # ce; forward
+    assert len(lines) == 2 * len(experiments)  # test accuracy and cross-entropy
     for ax, line in lines:
         metric = "test_accuracy" if ax.get_ylabel() == plots.LABELS["test_accuracy"] else "test_loss"
         setting, noise_type, activation = ax.get_title().rsplit(" · ", 2)
-        part = curves[(curves["activation"] == activation) & (curves["noise_type"] == noise_type)]
+        part = curves[(curves["activation"] == activation) & (curves["noise_type"] == noise_type)
+                      & (curves["loss"] == loss_in(setting))]
         matches = [p for p, one in part.groupby("p") if np.array_equal(one[f"{metric}_mean"], line.get_ydata())]
         assert len(matches) == 1
 
@@ -227,19 +254,20 @@ def test_learning_curves_are_one_experiment_per_line(results):
 def test_memorisation_shows_label_noise_above_zero_only(results):
     fig = plots.plot_memorisation(results.curves)
     titles = {ax.get_title() for ax in fig.axes if ax.get_title()}
-    assert {title.split(" · ")[2] for title in titles} == {"label_uniform", "label_flip"}
+    assert {title.rsplit(" · ", 2)[1] for title in titles} == {"label_uniform", "label_flip"}
     metrics = 4  # test accuracy, memorised, corrupted predicted as true, uncorrupted train accuracy
-    assert len([line for ax in fig.axes for line in ax.lines]) == metrics * 2 * 2 * (len(LABEL_PS) - 1)
+    experiments = 2 * 2 + 2  # ce: relu and tanh x the two label noise types; forward: one each
+    assert len([line for ax in fig.axes for line in ax.lines]) == metrics * experiments * (len(LABEL_PS) - 1)
 
 
 def test_reliability_lines_are_the_pooled_bins_of_one_experiment(results):
     fig = plots.plot_reliability(results.reliability)
-    pooled = results.reliability[results.reliability["loss_correction"] == "none"]
     for ax in fig.axes:
         if not ax.get_title():
             continue
-        _, noise_type, p = ax.get_title().rsplit(" · ", 2)
-        assert float(p.removeprefix("p = ")) < plots.INFORMATION_LIMITS.get(noise_type, np.inf)
+        setting, noise_type, p = ax.get_title().rsplit(" · ", 2)
+        pooled = results.reliability[results.reliability["loss"] == loss_in(setting)]
+        assert float(p.removeprefix("p = ")) < (plots.information_limit(noise_type) or np.inf)
         for line in ax.lines[1:]:  # after the diagonal
             bins = pooled[(pooled["activation"] == line.get_label()) & (pooled["noise_type"] == noise_type)
                           & (pooled["p"] == float(p.removeprefix("p = ")))].sort_values("bin")
@@ -251,7 +279,7 @@ def test_figures_without_their_data_are_none(tmp_path):
     assert plots.plot_label_vs_pixel(pixel_only.summary) is None
     assert plots.plot_label_noise_theory(pixel_only.summary) is None
     assert plots.plot_memorisation(pixel_only.curves) is None
-    assert plots.plot_loss_correction(pixel_only.summary, pixel_only.runs) is None
+    assert plots.plot_losses(pixel_only.summary, pixel_only.runs) is None
     assert plots.plot_early_stopping(pixel_only.summary) is None
     label_only = rs.read_results(campaign(tmp_path / "label", grid_records(("relu",), ("label_flip",))))
     assert plots.plot_pixel_test_matching(label_only.summary) is None
@@ -273,8 +301,8 @@ def test_early_stopping_compares_the_final_and_the_selected_epoch(tmp_path):
 
 
 def test_several_noise_matrices_get_lines_of_their_own(tmp_path):
-    records = [record(s, "relu", "label_matrix", p, noise_matrix=m) for m in MATRICES for p in (0.0, 0.4)
-               for s in SEEDS[:2]]
+    records = [record(s, "relu", "none", 0.0) for s in SEEDS[:2]]
+    records += [record(s, "relu", "label_matrix", 0.4, noise_matrix=m) for m in MATRICES for s in SEEDS[:2]]
     fig = plots.plot_metric_vs_p(rs.read_results(campaign(tmp_path, records)).summary, "test_accuracy")
     assert sorted(c.get_label() for _, c in errorbars(fig)) == ["label_matrix #1", "label_matrix #2"]
 
@@ -302,12 +330,12 @@ def test_command_line_redraws_into_the_campaign_and_exits_2_without_results(tmp_
 def test_figures_of_the_committed_results(tmp_path):
     paths = plots.write_figures(ROOT / "results" / "reference", figures_dir=tmp_path)
     assert {p.name for p in paths} >= {plots.FIGURE_FILES[name] for name in ("accuracy_vs_p", "loss_vs_p",
-                                                                             "loss_correction", "reliability")}
+                                                                             "losses", "reliability")}
 
 
 def test_overview_table_says_what_the_campaign_ran(results):
     table = plots.overview_table(results.summary)
-    assert table.loc[("mnist", "mlp", "label_flip", "none"), "activations"] == "relu, tanh"
+    assert table.loc[("mnist", "mlp", "label_flip", "ce"), "activations"] == "relu, tanh"
     assert table.loc[("mnist", "mlp", "label_flip", "forward"), "activations"] == "relu"
     assert table.loc[("mnist", "mlp", "label_uniform", "forward"), "seeds_per_experiment"] == 2  # tanh: 2 seeds
-    assert table.loc[("mnist", "mlp", "pixel_uniform", "none"), "noise_levels"] == len(PIXEL_PS)
+    assert table.loc[("mnist", "mlp", "pixel_uniform", "ce"), "noise_levels"] == len(PIXEL_PS)

@@ -14,24 +14,25 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-import nnet_models as nm
+import registry
 import results_store as rs
 from conftest import check_summary_against_per_run, same
-from metrics import ECE_BINS
+from registry import ECE_BINS
 
 HALF_NEXT = [[0.5 if j in (i, (i + 1) % 10) else 0.0 for j in range(10)] for i in range(10)]
 
 
 def fake_record(run_id, *, p=0.0, epochs=1, max_train_samples=1000, activation="relu", repeat=0,
-                status="ok", accuracy=0.9, loss=0.5, loss_correction="none"):
-    """A stored run as run_experiments writes it (history varying by epoch, 15 reliability bins)."""
+                status="ok", accuracy=0.9, loss=0.5, training_loss="ce", noise_type=None):
+    """A stored run as run_experiments writes it (history varying by epoch, 15 reliability bins); at p = 0 the
+    clean run (noise type "none"), else label_flip."""
     record = {"run_id": run_id, "repeat": repeat, "status": status, "error": "" if status == "ok" else "boom",
               "attempts": 1, "finished_at": "2024-01-01T00:00:00+00:00",
               "dataset": "mnist", "model_type": "mlp", "activation": activation, "hidden_sizes": "256-128",
-              "noise_type": "label_flip", "p": p, "epochs": epochs, "batch_size": 128, "optimizer": "adam",
+              "noise_type": noise_type or ("none" if p == 0 else "label_flip"), "p": p, "epochs": epochs, "batch_size": 128, "optimizer": "adam",
               "learning_rate": 0.001, "weight_decay": 0.0, "normalize": True,
               "max_train_samples": max_train_samples, "use_cuda": False, "seed": 100 + repeat,
-              "cpu_threads": 1, "data_dir": "data", "noise_matrix": None, "loss_correction": loss_correction,
+              "cpu_threads": 1, "data_dir": "data", "noise_matrix": None, "loss": training_loss, "loss_settings": "", "reported_epochs": "",
               "validation_fraction": 0.0, "precision": "float32"}
     if status == "ok":
         record.update(test_accuracy=accuracy, test_loss=loss, test_macro_precision=accuracy - 0.01,
@@ -253,31 +254,32 @@ def test_summary_statistics_on_hand_built_records(hand_records):
     assert list(full["n"]) == [4]
 
 
-def test_summary_never_pools_different_epochs_sample_counts_or_corrections(hand_records):
-    extra = [fake_record(f"e{i:015d}", repeat=i, loss_correction="forward", accuracy=0.1) for i in range(2)]
+def test_summary_never_pools_different_epochs_sample_counts_or_losses(hand_records):
+    extra = [fake_record(f"e{i:015d}", repeat=i, training_loss="forward", accuracy=0.1) for i in range(2)]
     summary = rs.summary_table(rs.per_run_table(hand_records + extra))
     relu0 = summary[(summary["activation"] == "relu") & (summary["p"] == 0.0)]
-    combos = {(int(e), None if pd.isna(m) else int(m), c, int(n)) for e, m, c, n in
-              zip(relu0["epochs"], relu0["max_train_samples"], relu0["loss_correction"], relu0["n"])}
-    assert combos == {(1, 1000, "none", 3), (2, 1000, "none", 2), (1, 2000, "none", 2), (1, None, "none", 4),
-                      (1, 1000, "forward", 2)}
-    forward = relu0[relu0["loss_correction"] == "forward"].iloc[0]
+    combos = {(t, int(e), None if pd.isna(m) else int(m), c, int(n)) for t, e, m, c, n in
+              zip(relu0["noise_type"], relu0["epochs"], relu0["max_train_samples"], relu0["loss"], relu0["n"])}
+    # the clean runs count as p = 0 of label_flip where label_flip ran with their settings (group A), else as "none"
+    assert combos == {("label_flip", 1, 1000, "ce", 3), ("none", 2, 1000, "ce", 2), ("none", 1, 2000, "ce", 2),
+                      ("none", 1, None, "ce", 4), ("none", 1, 1000, "forward", 2)}
+    forward = relu0[relu0["loss"] == "forward"].iloc[0]
     assert forward["test_accuracy_mean"] == pytest.approx(0.1)
 
 
 def test_per_run_table_keeps_failed_runs_and_leaves_history_out(hand_records):
     per_run = rs.per_run_table(hand_records)
-    assert list(per_run.columns) == rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + nm.METRICS
+    assert list(per_run.columns) == rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + list(registry.METRICS)
     failed = per_run[per_run["status"] == "failed"]
     assert failed["run_id"].tolist() == ["f" * 16] and failed["error"].tolist() == ["boom"]
-    assert failed[nm.METRICS].isna().all().all()
+    assert failed[list(registry.METRICS)].isna().all().all()
     assert str(per_run["max_train_samples"].dtype) == "Int64"  # 1000, not 1000.0; empty = all samples
 
 
 def test_history_and_reliability_tables(hand_records):
     ok = [r for r in hand_records if r["status"] == "ok"]
     history = rs.history_table(hand_records)
-    assert list(history.columns) == rs.RUN_KEYS + ["epoch"] + nm.HISTORY_METRICS
+    assert list(history.columns) == rs.RUN_KEYS + ["epoch"] + registry.per_epoch_metrics()
     assert len(history) == sum(r["epochs"] for r in ok)
     two_epochs = history[history["run_id"] == ok[4]["run_id"]]
     assert two_epochs["epoch"].tolist() == [1, 2]
@@ -306,13 +308,71 @@ def test_write_csvs_writes_the_four_tables_and_rewrites_them_whole(hand_records,
 
 
 def test_a_label_matrix_run_roundtrips_its_matrix(tmp_path):
-    record = fake_record("a" * 16)
-    record.update(noise_type="label_matrix", noise_matrix=rs.csv_value(tuple(map(tuple, HALF_NEXT))))
-    rs.write_csvs([record, fake_record("b" * 16)], tmp_path)
+    shift = [[1.0 if j == (i + 1) % 10 else 0.0 for j in range(10)] for i in range(10)]
+    records = [fake_record(run_id, p=0.5, noise_type="label_matrix") | {"noise_matrix": rs.csv_value(tuple(map(tuple, m)))}
+               for run_id, m in (("a" * 16, HALF_NEXT), ("c" * 16, shift))]
+    rs.write_csvs([*records, fake_record("b" * 16)], tmp_path)
     per_run = rs.read_csv(tmp_path / rs.PER_RUN_CSV).set_index("run_id")
     assert json.loads(per_run.loc["a" * 16, "noise_matrix"]) == HALF_NEXT
     assert pd.isna(per_run.loc["b" * 16, "noise_matrix"])
-    assert len(rs.read_csv(tmp_path / rs.SUMMARY_CSV)) == 2  # another matrix, another experiment
+    summary = rs.read_csv(tmp_path / rs.SUMMARY_CSV)
+    # another matrix, another experiment; the clean run is the p = 0 point of each
+    assert sorted(zip(summary["noise_matrix"].map(json.loads).map(str), summary["p"], summary["n"])) == sorted(
+        (str(m), p, 1) for m in (HALF_NEXT, shift) for p in (0.0, 0.5))
+    assert (summary["noise_type"] == "label_matrix").all()
+
+
+def test_the_clean_run_is_the_p0_point_of_every_noise_type_with_its_settings(tmp_path):
+    clean = [fake_record(f"c{r:015d}", repeat=r, accuracy=0.9 + r / 100) for r in range(3)]
+    noisy = [fake_record(f"{t[0]}{r:015d}", p=0.5, repeat=r, noise_type=t, accuracy=0.5)
+             for t in ("label_flip", "pixel_uniform") for r in range(3)]
+    lonely = [fake_record(f"t{r:015d}", repeat=r, activation="tanh") for r in range(2)]  # no noisy run with tanh
+    rs.write_csvs(clean + noisy + lonely, tmp_path)
+    summary = rs.read_csv(tmp_path / rs.SUMMARY_CSV)
+    per_run = rs.read_csv(tmp_path / rs.PER_RUN_CSV)
+    assert len(per_run) == 11  # stored once
+    assert check_summary_against_per_run(per_run, summary) == 5
+    at_zero = summary[summary["p"] == 0].set_index(["activation", "noise_type"])
+    assert sorted(at_zero.index) == [("relu", "label_flip"), ("relu", "pixel_uniform"), ("tanh", "none")]
+    for noise in ("label_flip", "pixel_uniform"):
+        assert at_zero.loc[("relu", noise), "n"] == 3
+        assert at_zero.loc[("relu", noise), "test_accuracy_mean"] == pytest.approx(0.91)
+    # the paired differences take the clean run of the same seed: every noisy run is 0.4, 0.41, 0.42 below it
+    noisy_rows = summary[summary["p"] == 0.5]
+    assert noisy_rows["delta_test_accuracy_mean"].tolist() == pytest.approx([-0.41, -0.41])
+    assert noisy_rows["delta_test_accuracy_std"].tolist() == pytest.approx([0.01, 0.01])
+
+
+def test_a_run_reporting_shorter_lengths_gives_a_row_per_length(tmp_path):
+    long = fake_record("a" * 16, epochs=3, accuracy=0.9)
+    long["reported"] = {"1": {"test_accuracy": 0.5, "test_loss": 1.5, "seconds": 0.25, "train_seconds": 0.125,
+                              "reliability": {"count": [10.0] + [0.0] * 14, "confidence": [0.05] + [math.nan] * 14,
+                                              "accuracy": [0.5] + [math.nan] * 14}}}
+    rs.write_csvs([long], tmp_path)
+    per_run = rs.read_csv(tmp_path / rs.PER_RUN_CSV).set_index("epochs")
+    assert per_run.loc[3, "test_accuracy"] == 0.9 and per_run.loc[1, "test_accuracy"] == 0.5
+    assert per_run.loc[1, "test_loss"] == 1.5 and (per_run["run_id"] == "a" * 16).all()
+    summary = rs.read_csv(tmp_path / rs.SUMMARY_CSV).set_index("epochs")
+    assert sorted(summary.index) == [1, 3] and summary.loc[1, "test_accuracy_mean"] == 0.5
+    reliability = rs.read_csv(tmp_path / rs.RELIABILITY_CSV)
+    assert reliability.groupby("epochs")["count"].sum().to_dict() == {1: 10, 3: 1000}
+    history = rs.read_csv(tmp_path / rs.HISTORY_CSV)
+    assert history["epoch"].tolist() == [1, 2, 3]  # the history is the run's, once
+
+
+def test_loss_effects_pair_each_loss_with_ce_on_the_same_seed():
+    ce = [fake_record(f"c{r:015d}", p=0.5, repeat=r, accuracy=0.5 + r / 10) for r in range(3)]
+    gce = [fake_record(f"g{r:015d}", p=0.5, repeat=r, accuracy=0.6 + r / 10 + r * r / 100, training_loss="gce")
+           | {"loss_settings": "q=0.7"} for r in range(3)]
+    other_seed = fake_record("x" * 16, p=0.5, repeat=7, accuracy=0.0, training_loss="gce") | {"loss_settings": "q=0.7"}
+    effects = rs.loss_effects(rs.per_run_table(ce + gce + [other_seed]))
+    assert len(effects) == 1
+    row = effects.iloc[0]
+    differences = pd.Series([0.1 + r * r / 100 for r in range(3)])
+    assert (row["loss"], row["loss_settings"], row["n"]) == ("gce", "q=0.7", 3)  # no ce run of seed 107: unpaired
+    assert row["minus_ce_test_accuracy_mean"] == pytest.approx(differences.mean())
+    assert row["minus_ce_test_accuracy_std"] == pytest.approx(differences.std(ddof=1))
+    assert row["minus_ce_test_loss_mean"] == pytest.approx(0.0)
 
 
 # ================================================================ reading a campaign back

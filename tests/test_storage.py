@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import results_store as rs
-from conftest import run_main, tiny_argv
+from conftest import TINY_RUNS, run_main, tiny_argv
 
 
 @pytest.fixture
@@ -32,12 +32,13 @@ def test_a_full_disk_stops_the_campaign_keeping_every_stored_run(mnist, mnist_di
     error = next(line for line in stderr.splitlines() if line.startswith("error: could not write "))
     assert "No space left on device" in error and "run the same command again to resume" in error
     stored = rs.RunStore(out).load()
-    assert 1 <= len(stored) < 8 and all(record["status"] == "ok" for record in stored.values())
+    assert 1 <= len(stored) < TINY_RUNS and all(record["status"] == "ok" for record in stored.values())
     assert not list(out.rglob("*.tmp"))  # no half-written files left behind
     remount(small_disk, "size=16m")
     code, stdout, _ = run_main(argv)
-    assert code == 0 and f"8 runs in the grid, {len(stored)} already done, {8 - len(stored)} to run" in stdout
-    assert len(rs.RunStore(out).load()) == 8
+    assert code == 0 and (f"{TINY_RUNS} runs in the grid, {len(stored)} already done, {TINY_RUNS - len(stored)} to run"
+                          in stdout)
+    assert len(rs.RunStore(out).load()) == TINY_RUNS
 
 
 def test_a_read_only_output_dir_is_refused_before_anything_runs(mnist, mnist_dir, small_disk, no_figures):
