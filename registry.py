@@ -79,7 +79,9 @@ NOISE_TYPES = {
                                  "pixels", "tab:orange", "pixel", replacement="empirical"),
     CLEAN: NoiseType("no noise: the p = 0 run, shared by every noise type", "black", "none"),
 }
-NOISY_TYPES = tuple(name for name in NOISE_TYPES if name != CLEAN)  # what a grid's noise_types may hold
+def noisy_types() -> tuple[str, ...]:
+    """What a grid's noise_types may hold."""
+    return tuple(name for name in NOISE_TYPES if name != CLEAN)
 
 
 def of_kind(kind: str) -> tuple[str, ...]:
@@ -124,7 +126,8 @@ def information_limit(noise_type: str, noise_matrix=None) -> float | None:
     if relabel is None:
         return None
     off_diagonal = np.where(np.eye(len(relabel), dtype=bool), -np.inf, relabel).max(1)
-    return float(min(1.0, (1 / (1 - relabel.diagonal() + off_diagonal)).min()))
+    with np.errstate(divide="ignore"):  # a class that keeps all its labels never reaches a limit
+        return float(min(1.0, (1 / (1 - relabel.diagonal() + off_diagonal)).min()))
 
 
 def posterior_model_loss(noise_type: str, p, noise_matrix=None):

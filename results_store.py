@@ -33,7 +33,6 @@ CONFIG_FIELDS = [field.name for field in dataclasses.fields(registry.TrainConfig
 # Runs that differ in any of these are different experiments and are never pooled. The other config fields do not
 # change a run's result: the seed is what repeats vary.
 GROUP_FIELDS = [name for name in CONFIG_FIELDS if name not in ("seed", "cpu_threads", "data_dir")]
-METRICS = list(registry.METRICS)
 RUN_FIELDS = ["run_id", "repeat", "status", "error", "diverged_epoch", "diverged_step", "attempts", "finished_at"]
 # What identifies a run in the long tables (history, reliability).
 RUN_KEYS = ["run_id", "repeat", "dataset", "model_type", "activation", "noise_type", "p", "loss", "epochs"]
@@ -184,7 +183,8 @@ def by_length(records: list[dict]) -> list[dict]:
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
     """One row per run and reported length: bookkeeping, config fields, final metrics (history left out)."""
-    table = pd.DataFrame(by_length(records)).reindex(columns=RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + METRICS)
+    columns = RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + list(registry.METRICS)
+    table = pd.DataFrame(by_length(records)).reindex(columns=columns)
     table["max_train_samples"] = table["max_train_samples"].astype("Int64")  # empty = all samples
     return table.sort_values(GROUP_FIELDS[:6] + ["repeat"], kind="stable", ignore_index=True)
 
@@ -212,10 +212,11 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
     """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the paired differences
     from the clean baseline; with a precision `target`, test accuracy gets the two-stage interval (`Target`)."""
     ok = with_clean_runs_per_noise_type(per_run[per_run["status"] == "ok"])
-    summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, METRICS + [f"delta_{m}" for m in DELTA_METRICS])
+    metrics = list(registry.METRICS) + [f"delta_{m}" for m in DELTA_METRICS]
+    summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, metrics)
     summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
     # A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clipped to [0, 1].
-    for metric in set(METRICS) - registry.unbounded_metrics():
+    for metric in set(registry.METRICS) - registry.unbounded_metrics():
         summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
         summary[f"{metric}_ci95_high"] = summary[f"{metric}_ci95_high"].clip(upper=1.0)
     return summary

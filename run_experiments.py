@@ -112,14 +112,16 @@ WORDS = {"none": None, "null": None, "true": True, "yes": True, "false": False, 
 
 
 def literal(text: str):
-    """A Python or JSON literal (none, true and false in any case); text that is none stays text."""
+    """A Python or JSON literal (none, true and false in any case); text that is neither stays text."""
     text = text.strip()
     if text.lower() in WORDS:
         return WORDS[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return text
 
 
 def parse_value(name: str, text: str, default):
@@ -189,7 +191,7 @@ def integer_at_least_1(v) -> bool:
 # name: (check of one value, what is allowed); a grid axis's check applies to each of its values
 RULES = {
     "datasets": one_of(registry.DATASETS), "model_types": one_of(registry.MODEL_TYPES),
-    "activations": one_of(registry.ACTIVATIONS), "noise_types": one_of(registry.NOISY_TYPES),
+    "activations": one_of(registry.ACTIVATIONS), "noise_types": (lambda v: v in registry.noisy_types(), lambda: f"one of: {', '.join(registry.noisy_types())}"),
     "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
     "precision": one_of(registry.PRECISIONS), "executor": one_of(("local", "dask")),
     "precision_rule": one_of(rs.PRECISION_RULES),
@@ -216,11 +218,12 @@ def config_errors(config: dict) -> list[str]:
     """Every problem with the config's values, each naming the bad value and what is allowed."""
     errors = []
     for name, (check, allowed) in RULES.items():
+        allowed = allowed() if callable(allowed) else allowed  # the noise types registered now
         values = axis_values(config, name) if name in AXES or name in LIST_NAMES else [config[name]]
         if not values and name != "extra_label_ps":
             errors.append(f"{name} is empty; give at least one value: {allowed}")
         errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
-        errors += [f"{name}: {v!r} appears more than once; give each value once"
+        errors += [f"{name}: {v} appears more than once; give each value once"
                    for v in dict.fromkeys(map(repr, values)) if list(map(repr, values)).count(v) > 1]
     if errors:  # the checks below build on valid values
         return errors

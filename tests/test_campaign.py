@@ -445,7 +445,7 @@ def grid_config(**overrides) -> dict:
 
 @pytest.mark.parametrize("overrides", [
     dict(activations=["relu"], noise_types=["pixel_uniform"], ps=[0.0], extra_label_ps=[], repeats=1),
-    dict(activations=["relu", "tanh", "gelu"], noise_types=list(registry.NOISY_TYPES),
+    dict(activations=["relu", "tanh", "gelu"], noise_types=list(registry.noisy_types()),
          ps=[0.0, 0.5, 1.0], extra_label_ps=[0.95], repeats=3),
     dict(datasets=["mnist", "fashion_mnist"], model_types=["mlp", "cnn"], activations=["relu", "tanh"],
          noise_types=["label_uniform", "pixel_empirical"], ps=[0.0, 0.3], extra_label_ps=[0.9, 1.0], repeats=2),
@@ -453,7 +453,7 @@ def grid_config(**overrides) -> dict:
     dict(activations=["sigmoid"], noise_types=["label_flip", "pixel_uniform"], ps=[0.0, 1.0],
          extra_label_ps=[1.0, 0.95], repeats=4),
     # losses multiply every point (under pixel noise and at p = 0, T = I: forward is cross-entropy)
-    dict(activations=["relu"], noise_types=list(registry.NOISY_TYPES), losses=["ce", "forward"],
+    dict(activations=["relu"], noise_types=list(registry.noisy_types()), losses=["ce", "forward"],
          ps=[0.0, 0.5], extra_label_ps=[0.9], repeats=2),
     dict(activations=["relu", "tanh"], noise_types=["label_pairflip", "pixel_empirical"],
          losses=["forward"], ps=[0.3], extra_label_ps=[], repeats=1),
@@ -506,7 +506,7 @@ def test_grid_cells_carry_the_campaign_settings():
 
 
 def test_extra_label_ps_only_for_label_noise():
-    specs = rx.build_grid(grid_config(activations=["relu"], noise_types=list(registry.NOISY_TYPES),
+    specs = rx.build_grid(grid_config(activations=["relu"], noise_types=list(registry.noisy_types()),
                                       ps=[0.0, 0.5], extra_label_ps=[0.95], repeats=1))
     ps = {}
     for spec in specs:
@@ -517,7 +517,7 @@ def test_extra_label_ps_only_for_label_noise():
 
 
 def test_repeat_seeds_are_paired_across_p_and_noise():
-    config = grid_config(activations=["relu", "tanh"], noise_types=list(registry.NOISY_TYPES),
+    config = grid_config(activations=["relu", "tanh"], noise_types=list(registry.noisy_types()),
                          ps=[0.0, 0.4, 0.8], repeats=4)
     seeds = {}
     for spec in rx.build_grid(config):
@@ -533,7 +533,7 @@ def test_repeat_seeds_are_paired_across_p_and_noise():
 
 
 def test_grid_is_reproducible_in_another_process():
-    config = grid_config(noise_types=list(registry.NOISY_TYPES), repeats=3, learning_rate=[0.001, 0.01],
+    config = grid_config(noise_types=list(registry.noisy_types()), repeats=3, learning_rate=[0.001, 0.01],
                          epochs=[1, 2], losses=["ce", "gce"], loss_settings={"gce": {"q": [0.5, 0.7]}})
     first = [(s.run_id, s.repeat, s.config) for s in rx.build_grid(config)]
     assert first == [(s.run_id, s.repeat, s.config) for s in rx.build_grid(dict(config))]

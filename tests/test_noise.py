@@ -79,7 +79,7 @@ def assert_rows_match(table: np.ndarray, expected: np.ndarray, sigmas: float = 6
 def test_the_label_noise_types_are_the_registry_entries_of_kind_label():
     assert LABEL_TYPES == ("label_uniform", "label_flip", "label_pairflip", "label_matrix")
     assert registry.of_kind("pixel") == ("pixel_uniform", "pixel_empirical")
-    assert registry.of_kind("none") == (registry.CLEAN,) and registry.CLEAN not in registry.NOISY_TYPES
+    assert registry.of_kind("none") == (registry.CLEAN,) and registry.CLEAN not in registry.noisy_types()
 
 
 @pytest.mark.parametrize("noise_type", LABEL_TYPES)

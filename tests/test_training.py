@@ -592,7 +592,7 @@ def test_different_seeds_differ(mnist_dir, mnist_2k_test):
 
 def test_noise_changes_the_result(mnist_dir, mnist_2k_test):
     clean = nm.train_and_evaluate(tiny(mnist_dir), mnist_2k_test)
-    for noise_type in registry.NOISY_TYPES:
+    for noise_type in registry.noisy_types():
         noisy = nm.train_and_evaluate(noise_config(mnist_dir, noise_type, p=0.5), mnist_2k_test)
         assert noisy["train_loss"] != clean["train_loss"], noise_type
 
@@ -633,7 +633,7 @@ def test_test_and_train_tensors_untouched(mnist_dir, mnist):
     for name, old, new in zip(nm.Dataset._fields, before, mnist):
         assert torch.equal(old, new), f"{name} was modified by an earlier run"
     small_test = nm.Dataset(mnist.train_images, mnist.train_labels, mnist.test_images[:1000], mnist.test_labels[:1000])
-    for noise_type in registry.NOISY_TYPES:
+    for noise_type in registry.noisy_types():
         for loss in ("ce", "forward") if noise_type in LABEL_TYPES else ("ce",):
             nm.train_and_evaluate(noise_config(mnist_dir, noise_type, p=0.6, loss=loss,
                                                validation_fraction=0.2), small_test)
