@@ -223,9 +223,11 @@ def test_a_resumed_campaign_plans_the_same_repeats(tmp_path):
     queue, order, waves = list(live.specs), np.random.default_rng(2), 0
     while queue:
         spec = queue.pop(order.integers(len(queue)))  # runs finish in any order
-        record = (rx.run_record(spec, "failed", "worker lost") if spec.repeat == 4 else
+        bins = {field: [0.0] * rs.ECE_BINS for field in rs.RELIABILITY_FIELDS}
+        record = (rx.run_record(spec, "failed", "worker lost", attempts=1) if spec.repeat == 4 else
                   rx.run_record(spec, "ok", test_accuracy=accuracy[spec.repeat], test_loss=0.5, seconds=1.0,
-                                train_seconds=1.0, history_test_loss=[0.5] * config["epochs"], reliability={}))
+                                train_seconds=1.0, history_test_loss=[0.5] * config["epochs"], reliability=bins,
+                                attempts=1))
         live.store.save(record)
         live.records[spec.run_id] = record
         more = live.more_repeats(point)
