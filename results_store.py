@@ -210,7 +210,7 @@ def with_paired_deltas(ok: pd.DataFrame) -> pd.DataFrame:
 
 def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.DataFrame:
     """The ok runs of each experiment (every GROUP_FIELDS value the same) aggregated, with the paired differences
-    from the clean baseline; with a precision `target`, test accuracy gets the two-stage interval (`Target`)."""
+    from the clean baseline; with a precision `target`, test accuracy gets its rule's interval (`Target`)."""
     ok = with_clean_runs_per_noise_type(per_run[per_run["status"] == "ok"])
     metrics = list(registry.METRICS) + [f"delta_{m}" for m in DELTA_METRICS]
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, metrics)
