@@ -121,6 +121,7 @@ CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
     "loss_corrections": ("none,forward", ["none", "forward"]),
     "validation_fraction": ("0.1", 0.1),
     "precision": ("bfloat16", "bfloat16"),
+    "stalled_run_factor": ("2.5", 2.5),
 }
 
 

@@ -1,4 +1,4 @@
-"""The Dask executor against a real `dask scheduler` and `dask worker` processes on 127.0.0.1.
+"""executors.DaskExecutor against a real `dask scheduler` and `dask worker` processes on 127.0.0.1.
 
 The scheduler and workers are started as a user would start them on another machine: from
 another directory, with no PYTHONPATH, so they have the Python environment but none of this
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,14 @@ def config_of(argv) -> dict:
     return config
 
 
+def run_dask(fn, items, address: str, **options):
+    """The (item, outcome) generator of a DaskExecutor given `items`."""
+    executor = executors.DaskExecutor(fn, address, **options)
+    for item in items:
+        executor.submit(item)
+    return executor.as_completed()
+
+
 def outcomes_by_item(pairs) -> dict:
     pairs = list(pairs)
     counts = collections.Counter(item for item, _ in pairs)
@@ -179,7 +188,7 @@ def test_tasks_ship_only_the_run_spec(mnist_dir, tmp_path):
 
 def test_no_scheduler_gives_a_clear_connection_error(tasks):
     address = f"tcp://127.0.0.1:{free_port()}"
-    outcomes = executors.run_dask(tasks.square, [1, 2], address, connect_timeout=1)
+    outcomes = run_dask(tasks.square, [1, 2], address, connect_timeout=1)
     with pytest.raises(ConnectionError, match="no Dask scheduler answered at 'tcp://127.0.0.1:") as info:
         next(outcomes)
     assert isinstance(info.value, executors.SchedulerUnavailableError)
@@ -227,22 +236,59 @@ def test_a_campaign_runs_on_the_cluster_as_it_would_here(cluster, mnist, mnist_d
 
 
 @pytest.mark.slow
-def test_run_dask_outcomes_exceptions_and_worker_deaths(cluster, tasks):
+def test_outcomes_exceptions_and_worker_deaths(cluster, tasks):
     upload = [Path(tasks.__file__)]
-    assert outcomes_by_item(executors.run_dask(tasks.square, range(10), cluster.address, upload=upload)) == \
+    assert outcomes_by_item(run_dask(tasks.square, range(10), cluster.address, upload=upload)) == \
         {i: i * i for i in range(10)}
-    outcomes = outcomes_by_item(executors.run_dask(tasks.odd_raises, range(6), cluster.address, retries=1,
+    outcomes = outcomes_by_item(run_dask(tasks.odd_raises, range(6), cluster.address, retries=1,
                                                    upload=upload))
     assert {i: outcomes[i] for i in (0, 2, 4)} == {0: 0, 2: 2, 4: 4}
     for i in (1, 3, 5):
         assert isinstance(outcomes[i], ValueError) and str(outcomes[i]) == f"odd item {i}"
     # a task that kills every worker it runs on: the others finish, it alone is given up
-    outcomes = outcomes_by_item(executors.run_dask(tasks.dies_on, ["a", "die", "b", "c"], cluster.address,
+    outcomes = outcomes_by_item(run_dask(tasks.dies_on, ["a", "die", "b", "c"], cluster.address,
                                                    upload=upload))
     assert {k: outcomes[k] for k in "abc"} == {"a": "a", "b": "b", "c": "c"}
     assert isinstance(outcomes["die"], executors.WorkerDied)
     assert outcomes["die"].attempts == 2  # DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1: two deaths
     cluster.wait_for_workers(2)  # the nannies restarted them
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_named_with_its_stalled_run(cluster, tasks, tmp_path):
+    """A worker process stopped by SIGSTOP mid-run: once the run has taken over 5 times as long as
+    the slowest finished one (at least 1 s here), a warning names the run, its task and the
+    worker; continued, the worker finishes the run. Runs submitted while the outcomes come in
+    are run too."""
+    pids = cluster.client.run(os.getpid)  # by worker address, asked before one is frozen
+    executor = executors.DaskExecutor(tasks.stops_its_worker, cluster.address, upload=[Path(tasks.__file__)],
+                                      min_stall_seconds=1)
+    for name in "abcd":
+        executor.submit((name, str(tmp_path)))
+    outcomes = executor.as_completed()
+    finished = [next(outcomes) for _ in range(4)]
+    frozen = ("freeze", str(tmp_path))
+    executor.submit(frozen)
+
+    def continue_once_warned(caught: list) -> None:
+        deadline = time.monotonic() + 120  # without a warning the worker is continued then, and the test fails
+        while not caught and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in (tmp_path / "freeze.pid").read_text().split():
+            os.kill(int(pid), signal.SIGCONT)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        continuer = threading.Thread(target=continue_once_warned, args=(caught,))
+        continuer.start()
+        finished += list(outcomes)
+    continuer.join()
+    assert outcomes_by_item(finished) == {**{(name, str(tmp_path)): name for name in "abcd"}, frozen: "freeze"}
+    [warning] = [str(w.message) for w in caught]
+    [pid] = (tmp_path / "freeze.pid").read_text().split()
+    [address] = [address for address, worker_pid in pids.items() if worker_pid == int(pid)]
+    assert warning.startswith(f"{frozen!r} has run for ")
+    assert f" s on Dask worker {address} (task stops_its_worker-" in warning and "looks stalled" in warning
 
 
 @pytest.mark.slow
@@ -338,7 +384,9 @@ def test_something_at_the_address_that_is_not_a_scheduler_is_reported_not_waited
         "server.listen()\n"
         "address = 'tcp://127.0.0.1:%d' % server.getsockname()[1]\n"
         "try:\n"
-        "    list(executors.run_dask(str, [1], address, connect_timeout=2))\n"
+        "    executor = executors.DaskExecutor(str, address, connect_timeout=2)\n"
+        "    executor.submit(1)\n"
+        "    list(executor.as_completed())\n"
         "except executors.SchedulerUnavailableError as exc:\n"
         "    print('error:', exc)\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
@@ -356,7 +404,7 @@ def test_a_cluster_that_makes_no_progress_says_so(tmp_path):
         joiner = threading.Timer(6, lonely.start_worker)  # after the first warnings
         joiner.start()
         with pytest.warns(UserWarning, match=r"no run has finished on the Dask cluster at .* for 2 s; it has 0 worker"):
-            outcomes = dict(executors.run_dask(str, [1, 2], lonely.address, stall_warning=2))
+            outcomes = dict(run_dask(str, [1, 2], lonely.address, no_progress_warning=2))
         assert outcomes == {1: "1", 2: "2"}
         joiner.join()
     finally:
