@@ -55,9 +55,10 @@ def max_local_workers() -> int:
 
 
 class Executor:
-    """Runs `fn` over the submitted items. A run is stalled once it has taken `stalled_run_factor` times as long as
-    the slowest finished one, and at least `min_stall_seconds` (before any has finished: the factor times
-    FIRST_RUN_GUESS); `describe(item)` names it in the warning."""
+    """Runs `fn` over the submitted items; each backend adds `config_errors(config)`, `from_config(fn, config,
+    modules, describe=...)` and `as_completed()`, and is listed in EXECUTORS. A run is stalled once it has taken
+    `stalled_run_factor` times as long as the slowest finished one, and at least `min_stall_seconds` (before any
+    has finished: the factor times FIRST_RUN_GUESS); `describe(item)` names it in the warning."""
 
     def __init__(self, fn, stalled_run_factor: float = 5, min_stall_seconds: float = 60, describe=repr):
         self.fn, self.factor, self.min_stall, self.describe = fn, stalled_run_factor, min_stall_seconds, describe
@@ -84,7 +85,8 @@ class Executor:
         self.slowest = max(self.slowest or 0, seconds)
 
     def warn_stalled(self, item, seconds: float, worker: str, action: str) -> None:
-        slowest = f"the slowest finished run took {self.slowest:.0f} s" if self.slowest else "no run has finished"
+        slowest = f"the slowest finished run took {self.slowest:.0f} s" if self.slowest is not None else \
+            "no run has finished"
         warnings.warn(f"{self.describe(item)} has run for {seconds:.0f} s on {worker} ({slowest}; stalled_run_factor"
                       f" = {self.factor:g}): it looks stalled; {action}")
 

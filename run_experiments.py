@@ -43,7 +43,7 @@ data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision lay
 output_dir = "results/campaign"          # where runs, CSVs and figures go
 executor = "local"                       # local (process pool on this machine) | dask (docs/cluster.md)
 dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
-stalled_run_factor = 5                   # a run taking this many times as long as the slowest finished one is stalled: reported; locally rerun on a new worker
+stalled_run_factor = 5                   # a run this many times as slow as the slowest finished one is stalled: reported, locally rerun
 # =======================================================================================
 CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and name != "annotations"]
 
