@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("distributed")
 import cloudpickle
+import psutil
 from distributed import Client
 
 import executors
@@ -41,7 +42,8 @@ VOLATILE = {"seconds", "train_seconds", "finished_at", "attempts"}  # what may d
 
 class LoopbackCluster:
     """A scheduler and single-threaded workers as subprocesses started in `directory`, each in
-    its own process group, without PYTHONPATH. A task that killed 2 workers is given up."""
+    its own process group, without PYTHONPATH, every listener bound to 127.0.0.1 as
+    docs/cluster.md says. A task that killed 2 workers is given up."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -62,8 +64,8 @@ class LoopbackCluster:
 
     def start_scheduler(self) -> str:
         scheduler_file = self.directory / "scheduler.json"
-        proc = self._spawn("scheduler", [*SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                         "--scheduler-file", str(scheduler_file)])
+        proc = self._spawn("scheduler", [*SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                         "127.0.0.1:0", "--scheduler-file", str(scheduler_file)])
         deadline = time.monotonic() + 120
         while self.address is None:
             assert proc.poll() is None and time.monotonic() < deadline, "dask scheduler did not start"
@@ -76,8 +78,8 @@ class LoopbackCluster:
         return self.address
 
     def start_worker(self) -> subprocess.Popen:
-        return self._spawn("worker", [*WORKER, self.address, "--host", "127.0.0.1", "--nworkers", "1",
-                                      "--nthreads", "1", "--no-dashboard", "--death-timeout", "60",
+        return self._spawn("worker", [*WORKER, self.address, "--host", "127.0.0.1", "--dashboard-address",
+                                      "127.0.0.1:0", "--nworkers", "1", "--nthreads", "1", "--death-timeout", "60",
                                       "--local-directory", str(self.directory / "workers")])
 
     def worker_count(self) -> int:
@@ -176,6 +178,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening_sockets(proc: subprocess.Popen) -> dict[str, list[str]]:
+    """"ADDRESS:PORT" of every listening TCP socket of a process and of its children, by process name and pid."""
+    processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    return {f"{p.name()} {p.pid}": [f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp")
+                                     if c.status == psutil.CONN_LISTEN] for p in processes}
+
+
 # ---------------------------------------------------------------- no cluster needed
 
 
@@ -208,6 +217,17 @@ def test_a_campaign_without_its_scheduler_stops_with_the_error(mnist_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- real scheduler and workers
+
+
+def test_every_listener_of_the_cluster_is_bound_to_the_loopback_interface(cluster):
+    """docs/cluster.md's flags: the scheduler (its port and its HTTP server, which serves metrics
+    and task information even with --no-dashboard), each nanny, each worker and its HTTP server."""
+    scheduler, *workers = (listening_sockets(proc) for proc in cluster.procs[:3])
+    assert len(scheduler) == 1 and len(next(iter(scheduler.values()))) == 2
+    for worker in workers:  # a nanny with one port, its worker process with two (and helpers with none)
+        assert sorted(len(ports) for ports in worker.values() if ports) == [1, 2], worker
+    every = [address for sockets in (scheduler, *workers) for ports in sockets.values() for address in ports]
+    assert [address for address in every if not address.startswith("127.0.0.1:")] == [], (scheduler, workers)
 
 
 @pytest.mark.slow
