@@ -110,7 +110,8 @@ class LocalExecutor(Executor):
     @classmethod
     def config_errors(cls, config: dict) -> list[str]:
         """One process for the GPU, enough cores, and no more processes than the OS limits hold."""
-        workers, slots = cls.workers_of(config), cls.workers_of(config) * config["cpu_threads_per_worker"]
+        workers = cls.workers_of(config)
+        slots = workers * config["cpu_threads_per_worker"]
         if workers > max_local_workers():
             return [f"max_workers: {workers} worker processes are more than this system's limits hold (at most "
                     f"{max_local_workers()}: RLIMIT_NPROC, RLIMIT_NOFILE and {MAX_LOCAL_WORKERS}); lower it"]
