@@ -113,8 +113,9 @@ class LocalExecutor(Executor):
         workers = cls.workers_of(config)
         slots = workers * config["cpu_threads_per_worker"]
         if workers > max_local_workers():
-            return [f"max_workers: {workers} worker processes are more than this system's limits hold (at most "
-                    f"{max_local_workers()}: RLIMIT_NPROC, RLIMIT_NOFILE and {MAX_LOCAL_WORKERS}); lower it"]
+            return [f"max_workers: {workers} worker processes are more than this system holds (at most "
+                    f"{max_local_workers()}, from RLIMIT_NPROC, RLIMIT_NOFILE and a cap of {MAX_LOCAL_WORKERS}); "
+                    "lower it"]
         if slots > 2 * usable_cpus() and not config["allow_oversubscription"]:
             return [f"max_workers x cpu_threads_per_worker = {slots} threads on {usable_cpus()} CPUs; "
                     "lower them, or set allow_oversubscription = True to run that many anyway"]

@@ -276,7 +276,7 @@ def test_worker_counts_beyond_the_os_limits_are_refused():
     try:
         assert executors.max_local_workers() == 50
         [error] = rx.placement_errors(config)
-        assert error.startswith("max_workers: 60 worker processes are more than this system's limits hold (at most 50")
+        assert error.startswith("max_workers: 60 worker processes are more than this system holds (at most 50, ")
         assert rx.placement_errors({**config, "max_workers": 50}) == []
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
