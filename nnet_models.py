@@ -82,6 +82,8 @@ def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) ->
     """The directory of the dataset's IDX files, downloaded if missing and allowed, else DataNotFoundError."""
     reason = "download not attempted"
     if find_raw_dir(dataset, data_dir) is None and download:
+        raw = Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw"
+        created = next((d for d in (*reversed(raw.parents), raw) if not d.exists()), None)  # by the download
         try:
             from torchvision import datasets as tv_datasets
 
@@ -89,6 +91,9 @@ def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) ->
                 getattr(tv_datasets, TORCHVISION_NAMES[dataset])(str(data_dir), train=train, download=True)
         except Exception as exc:  # not installed, offline, proxy, checksum: all mean "not here"
             reason = f"download failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if created is not None and find_raw_dir(dataset, data_dir) is None:  # no empty folders left behind
+            import shutil
+            shutil.rmtree(created, ignore_errors=True)
     found = find_raw_dir(dataset, data_dir)
     if found is None:
         expected = (Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw").resolve()
@@ -122,10 +127,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def split_tensors(paths: dict[str, Path], arrays: dict[str, np.ndarray], split: str) -> list[torch.Tensor]:
-    """The split as tensors, once checked: images N x 28 x 28, as many labels as images, every label a class."""
+    """The split as tensors, once checked: N > 0 images of 28 x 28, as many labels, every label a class."""
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataFileError(f"{paths[f'{split}_images']} holds shape {images.shape}, not N x 28 x 28 images")
+    if not len(images):
+        raise DataFileError(f"{paths[f'{split}_images']} holds no images; download it again")
     if labels.shape != (len(images),):
         raise DataFileError(f"{paths[f'{split}_labels']} holds shape {labels.shape}, "
                             f"not one label for each of the {len(images)} images")

@@ -470,11 +470,25 @@ def drawn(name: str, results: rs.Results, file: str | None = None) -> list[tuple
     return [] if fig is None else [(file, fig)]
 
 
+def write_atomically(path: Path, write) -> Path:
+    """`write(tmp)` to a temporary path beside `path`, which then replaces `path`: a full disk or a signal never
+    leaves a truncated file in place of a good one. A storage error names `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        exc.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".")))
 
 
 def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None, names=tuple(FIGURES)) -> list[Path]:
@@ -484,34 +498,92 @@ def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None,
     return [save_figure(fig, figures_dir / file) for name in names for file, fig in drawn(name, results)]
 
 
+def run_interruptibly(coroutine) -> None:
+    """Run `coroutine` on an event loop of its own; SIGINT or SIGTERM cancels it, lets its cleanup run (nbclient's:
+    the kernel is shut down) and raises KeyboardInterrupt. The loop refuses signal handlers: nbclient would take
+    both signals over and end in a traceback."""
+    import asyncio
+    import signal
+
+    class SignalsStayHere(asyncio.SelectorEventLoop):
+        def add_signal_handler(self, *args):
+            raise RuntimeError("plots.py handles the signals")
+
+    loop, interrupted = SignalsStayHere(), []
+    main = loop.create_task(coroutine)
+
+    def interrupt(*_) -> None:
+        interrupted.append(True)
+        loop.call_soon_threadsafe(main.cancel)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loop.run_until_complete(main)
+    except BaseException:
+        if not interrupted:  # else it is how the cancelled coroutine ended
+            raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if rest := asyncio.all_tasks(loop):  # nbclient's pollers
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.close()
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 def write_report(output_dir: Path) -> Path:
     """Execute analysis.ipynb on the campaign in `output_dir` and save it as output_dir/report.html."""
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     os.environ["ANALYSIS_RESULTS_DIR"] = str(Path(output_dir).resolve())  # read by the parameters cell
-    NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    path = Path(output_dir) / "report.html"
-    path.write_text(HTMLExporter().from_notebook_node(notebook)[0])
-    return path
+    # the kernel talks over Unix sockets (IPC), not unencrypted TCP; their names start with this absolute path
+    sockets = f"{tempfile.gettempdir()}/report-kernel-{os.getpid()}"
+    ipc = Config({"KernelManager": {"transport": "ipc", "ip": sockets}})
+    client = NotebookClient(notebook, timeout=600, shutdown_kernel="immediate", config=ipc,
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    run_interruptibly(client.async_execute())
+    html = HTMLExporter().from_notebook_node(notebook)[0]
+    return write_atomically(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends it as Ctrl-C does
     parser = argparse.ArgumentParser(description="Redraw every figure of a campaign into OUTPUT_DIR/figures/.")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--report", action="store_true",
                         help="also render analysis.ipynb as OUTPUT_DIR/report.html")
     args = parser.parse_args(argv)
     try:
+        runs = rs.read_csv(args.output_dir / rs.PER_RUN_CSV)
+        if not (runs["status"] == "ok").any():
+            parser.exit(2, f"no finished run in {args.output_dir}/{rs.PER_RUN_CSV} (none has finished yet, or all "
+                           "failed): nothing to draw or report\n")
         paths = write_figures(args.output_dir)
-    except FileNotFoundError as exc:
-        parser.exit(2, f"no results in {args.output_dir}: {exc}\n")
-    if args.report:
-        paths.append(write_report(args.output_dir))
+        if args.report:
+            paths.append(write_report(args.output_dir))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:  # from results_store: a CSV is missing
+            parser.exit(2, f"no results in {args.output_dir}: {exc}\n")
+        import sys
+        print(f"error: {exc.filename}: {exc.strerror or exc}. Free some space or fix the permissions, then run the "
+              "same command again; the figures and report already there are unchanged.", file=sys.stderr)
+        return 1
     for path in paths:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

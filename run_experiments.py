@@ -46,6 +46,7 @@ data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision lay
 output_dir = "results/campaign"          # where runs, CSVs and figures go
 executor = "local"                       # local (process pool on this machine) | dask (docs/cluster.md)
 dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
+stalled_run_factor = 5                   # a run this many times as slow as the slowest finished one is stalled: reported, locally rerun
 # =======================================================================================
 CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and name != "annotations"]
 
@@ -193,7 +194,7 @@ RULES = {
     "datasets": one_of(registry.DATASETS), "model_types": one_of(registry.MODEL_TYPES),
     "activations": one_of(registry.ACTIVATIONS), "noise_types": (lambda v: v in registry.noisy_types(), lambda: f"one of: {', '.join(registry.noisy_types())}"),
     "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
-    "precision": one_of(registry.PRECISIONS), "executor": one_of(("local", "dask")),
+    "precision": one_of(registry.PRECISIONS), "executor": one_of(tuple(executors.EXECUTORS)),
     "precision_rule": one_of(rs.PRECISION_RULES),
     **{name: (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in ("ps", "extra_label_ps")},
     **{name: (integer_at_least_1, "an integer >= 1")
@@ -249,20 +250,8 @@ def config_errors(config: dict) -> list[str]:
 
 
 def placement_errors(config: dict) -> list[str]:
-    """Where the runs can go: a Dask scheduler to talk to, one process for the GPU, enough cores."""
-    slots = resolved_workers(config) * config["cpu_threads_per_worker"]
-    if config["executor"] == "dask":
-        if not re.fullmatch(r"(tcp|tls)://[\w.\-\[\]:]+:\d+", str(config["dask_scheduler"])):
-            return [f"dask_scheduler: {config['dask_scheduler']!r} is not a scheduler address like "
-                    "tcp://HOST:8786 or tls://HOST:8786"]
-    elif slots > 2 * executors.usable_cpus() and not config["allow_oversubscription"]:
-        return [f"max_workers x cpu_threads_per_worker = {slots} threads on {executors.usable_cpus()} CPUs; "
-                "lower them, or set allow_oversubscription = True to run that many anyway"]
-    elif config["use_cuda"] and config["max_workers"] != 1:
-        return [f"use_cuda=True needs max_workers=1 (got {config['max_workers']!r}): one process owns the GPU"]
-    elif config["use_cuda"] and not nm.torch.cuda.is_available():
-        return ["use_cuda=True but torch sees no CUDA device; set use_cuda=False"]
-    return []
+    """Where the runs can go, as the configured executor sees it."""
+    return executors.EXECUTORS[config["executor"]].config_errors(config)
 
 
 def validate(config: dict) -> None:
@@ -412,7 +401,7 @@ def spec_for(point: registry.TrainConfig, repeat: int, campaign_seed: int) -> Ru
 
 
 def resolved_workers(config: dict) -> int:
-    return config["max_workers"] or max(1, executors.usable_cpus() // config["cpu_threads_per_worker"])
+    return executors.LocalExecutor.workers_of(config)
 
 
 # ---------------------------------------------------------------- one run, in a worker
@@ -440,14 +429,28 @@ def run_one(spec: RunSpec) -> dict:
     return run_record(spec, "ok", **result)
 
 
-def execute(specs: list[RunSpec], config: dict):
-    """(spec, outcome) of every run, as they finish, on the configured executor."""
-    if config["executor"] == "dask":
-        modules = [Path(m.__file__) for m in (metrics, nm, rs, executors, sys.modules[__name__])]
-        return executors.run_dask(run_one, specs, config["dask_scheduler"], retries=config["max_attempts"] - 1,
-                                  upload=modules)
-    return executors.run_local(run_one, specs, resolved_workers(config), config["cpu_threads_per_worker"],
-                               config["pin_cpus"], config["use_cuda"], config["max_attempts"])
+def execute(specs: deque[RunSpec] | list[RunSpec], config: dict):
+    """(spec, outcome) of every run, as they finish, on the configured executor; runs appended to `specs` (a deque)
+    meanwhile are submitted too."""
+    modules = [Path(m.__file__) for m in (registry, metrics, sys.modules["losses"], nm, rs, executors,
+                                          sys.modules[__name__])]
+    executor = executors.EXECUTORS[config["executor"]].from_config(
+        run_one, config, modules, describe=lambda s: f"run {s.run_id} ({s.config.noise_type} p={s.config.p:g} "
+                                                     f"r{s.repeat}, {s.config.model_type}/{s.config.activation})")
+    queue = specs if isinstance(specs, deque) else deque(specs)
+
+    def submit_queued() -> None:
+        while queue:
+            executor.submit(queue.popleft())
+
+    submit_queued()
+    outcomes = executor.as_completed()
+    try:
+        for outcome in outcomes:
+            yield outcome
+            submit_queued()
+    finally:
+        outcomes.close()  # stops the workers at once
 
 
 # ---------------------------------------------------------------- the campaign

@@ -129,6 +129,7 @@ CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
     "loss_settings": ("{'gce': {'q': [0.5, 0.7]}}", {"gce": {"q": [0.5, 0.7]}}),
     "validation_fraction": ("0.1", 0.1),
     "precision": ("bfloat16", "bfloat16"),
+    "stalled_run_factor": ("2.5", 2.5),
 }
 
 

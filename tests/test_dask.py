@@ -1,4 +1,4 @@
-"""The Dask executor against a real `dask scheduler` and `dask worker` processes on 127.0.0.1.
+"""executors.DaskExecutor against a real `dask scheduler` and `dask worker` processes on 127.0.0.1.
 
 The scheduler and workers are started as a user would start them on another machine: from
 another directory, with no PYTHONPATH, so they have the Python environment but none of this
@@ -16,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("distributed")
 import cloudpickle
+import psutil
 from distributed import Client
 
 import executors
@@ -40,7 +42,8 @@ VOLATILE = {"seconds", "train_seconds", "finished_at", "attempts"}  # what may d
 
 class LoopbackCluster:
     """A scheduler and single-threaded workers as subprocesses started in `directory`, each in
-    its own process group, without PYTHONPATH. A task that killed 2 workers is given up."""
+    its own process group, without PYTHONPATH, every listener bound to 127.0.0.1 as
+    docs/cluster.md says. A task that killed 2 workers is given up."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -61,8 +64,8 @@ class LoopbackCluster:
 
     def start_scheduler(self) -> str:
         scheduler_file = self.directory / "scheduler.json"
-        proc = self._spawn("scheduler", [*SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                         "--scheduler-file", str(scheduler_file)])
+        proc = self._spawn("scheduler", [*SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                                         "127.0.0.1:0", "--scheduler-file", str(scheduler_file)])
         deadline = time.monotonic() + 120
         while self.address is None:
             assert proc.poll() is None and time.monotonic() < deadline, "dask scheduler did not start"
@@ -75,8 +78,8 @@ class LoopbackCluster:
         return self.address
 
     def start_worker(self) -> subprocess.Popen:
-        return self._spawn("worker", [*WORKER, self.address, "--host", "127.0.0.1", "--nworkers", "1",
-                                      "--nthreads", "1", "--no-dashboard", "--death-timeout", "60",
+        return self._spawn("worker", [*WORKER, self.address, "--host", "127.0.0.1", "--dashboard-address",
+                                      "127.0.0.1:0", "--nworkers", "1", "--nthreads", "1", "--death-timeout", "60",
                                       "--local-directory", str(self.directory / "workers")])
 
     def worker_count(self) -> int:
@@ -154,6 +157,14 @@ def config_of(argv) -> dict:
     return config
 
 
+def run_dask(fn, items, address: str, **options):
+    """The (item, outcome) generator of a DaskExecutor given `items`."""
+    executor = executors.DaskExecutor(fn, address, **options)
+    for item in items:
+        executor.submit(item)
+    return executor.as_completed()
+
+
 def outcomes_by_item(pairs) -> dict:
     pairs = list(pairs)
     counts = collections.Counter(item for item, _ in pairs)
@@ -165,6 +176,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listening_sockets(proc: subprocess.Popen) -> dict[str, list[str]]:
+    """"ADDRESS:PORT" of every listening TCP socket of a process and of its children, by process name and pid."""
+    processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    return {f"{p.name()} {p.pid}": [f"{c.laddr.ip}:{c.laddr.port}" for c in p.net_connections("tcp")
+                                     if c.status == psutil.CONN_LISTEN] for p in processes}
 
 
 # ---------------------------------------------------------------- no cluster needed
@@ -179,7 +197,7 @@ def test_tasks_ship_only_the_run_spec(mnist_dir, tmp_path):
 
 def test_no_scheduler_gives_a_clear_connection_error(tasks):
     address = f"tcp://127.0.0.1:{free_port()}"
-    outcomes = executors.run_dask(tasks.square, [1, 2], address, connect_timeout=1)
+    outcomes = run_dask(tasks.square, [1, 2], address, connect_timeout=1)
     with pytest.raises(ConnectionError, match="no Dask scheduler answered at 'tcp://127.0.0.1:") as info:
         next(outcomes)
     assert isinstance(info.value, executors.SchedulerUnavailableError)
@@ -199,6 +217,17 @@ def test_a_campaign_without_its_scheduler_stops_with_the_error(mnist_dir, tmp_pa
 
 
 # ---------------------------------------------------------------- real scheduler and workers
+
+
+def test_every_listener_of_the_cluster_is_bound_to_the_loopback_interface(cluster):
+    """docs/cluster.md's flags: the scheduler (its port and its HTTP server, which serves metrics
+    and task information even with --no-dashboard), each nanny, each worker and its HTTP server."""
+    scheduler, *workers = (listening_sockets(proc) for proc in cluster.procs[:3])
+    assert len(scheduler) == 1 and len(next(iter(scheduler.values()))) == 2
+    for worker in workers:  # a nanny with one port, its worker process with two (and helpers with none)
+        assert sorted(len(ports) for ports in worker.values() if ports) == [1, 2], worker
+    every = [address for sockets in (scheduler, *workers) for ports in sockets.values() for address in ports]
+    assert [address for address in every if not address.startswith("127.0.0.1:")] == [], (scheduler, workers)
 
 
 @pytest.mark.slow
@@ -227,22 +256,59 @@ def test_a_campaign_runs_on_the_cluster_as_it_would_here(cluster, mnist, mnist_d
 
 
 @pytest.mark.slow
-def test_run_dask_outcomes_exceptions_and_worker_deaths(cluster, tasks):
+def test_outcomes_exceptions_and_worker_deaths(cluster, tasks):
     upload = [Path(tasks.__file__)]
-    assert outcomes_by_item(executors.run_dask(tasks.square, range(10), cluster.address, upload=upload)) == \
+    assert outcomes_by_item(run_dask(tasks.square, range(10), cluster.address, upload=upload)) == \
         {i: i * i for i in range(10)}
-    outcomes = outcomes_by_item(executors.run_dask(tasks.odd_raises, range(6), cluster.address, retries=1,
+    outcomes = outcomes_by_item(run_dask(tasks.odd_raises, range(6), cluster.address, retries=1,
                                                    upload=upload))
     assert {i: outcomes[i] for i in (0, 2, 4)} == {0: 0, 2: 2, 4: 4}
     for i in (1, 3, 5):
         assert isinstance(outcomes[i], ValueError) and str(outcomes[i]) == f"odd item {i}"
     # a task that kills every worker it runs on: the others finish, it alone is given up
-    outcomes = outcomes_by_item(executors.run_dask(tasks.dies_on, ["a", "die", "b", "c"], cluster.address,
+    outcomes = outcomes_by_item(run_dask(tasks.dies_on, ["a", "die", "b", "c"], cluster.address,
                                                    upload=upload))
     assert {k: outcomes[k] for k in "abc"} == {"a": "a", "b": "b", "c": "c"}
     assert isinstance(outcomes["die"], executors.WorkerDied)
     assert outcomes["die"].attempts == 2  # DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1: two deaths
     cluster.wait_for_workers(2)  # the nannies restarted them
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_named_with_its_stalled_run(cluster, tasks, tmp_path):
+    """A worker process stopped by SIGSTOP mid-run: once the run has taken over 5 times as long as
+    the slowest finished one (at least 1 s here), a warning names the run, its task and the
+    worker; continued, the worker finishes the run. Runs submitted while the outcomes come in
+    are run too."""
+    pids = cluster.client.run(os.getpid)  # by worker address, asked before one is frozen
+    executor = executors.DaskExecutor(tasks.stops_its_worker, cluster.address, upload=[Path(tasks.__file__)],
+                                      min_stall_seconds=1)
+    for name in "abcd":
+        executor.submit((name, str(tmp_path)))
+    outcomes = executor.as_completed()
+    finished = [next(outcomes) for _ in range(4)]
+    frozen = ("freeze", str(tmp_path))
+    executor.submit(frozen)
+
+    def continue_once_warned(caught: list) -> None:
+        deadline = time.monotonic() + 120  # without a warning the worker is continued then, and the test fails
+        while not caught and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in (tmp_path / "freeze.pid").read_text().split():
+            os.kill(int(pid), signal.SIGCONT)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        continuer = threading.Thread(target=continue_once_warned, args=(caught,))
+        continuer.start()
+        finished += list(outcomes)
+    continuer.join()
+    assert outcomes_by_item(finished) == {**{(name, str(tmp_path)): name for name in "abcd"}, frozen: "freeze"}
+    [warning] = [str(w.message) for w in caught]
+    [pid] = (tmp_path / "freeze.pid").read_text().split()
+    [address] = [address for address, worker_pid in pids.items() if worker_pid == int(pid)]
+    assert warning.startswith(f"{frozen!r} has run for ")
+    assert f" s on Dask worker {address} (task stops_its_worker-" in warning and "looks stalled" in warning
 
 
 @pytest.mark.slow
@@ -338,7 +404,9 @@ def test_something_at_the_address_that_is_not_a_scheduler_is_reported_not_waited
         "server.listen()\n"
         "address = 'tcp://127.0.0.1:%d' % server.getsockname()[1]\n"
         "try:\n"
-        "    list(executors.run_dask(str, [1], address, connect_timeout=2))\n"
+        "    executor = executors.DaskExecutor(str, address, connect_timeout=2)\n"
+        "    executor.submit(1)\n"
+        "    list(executor.as_completed())\n"
         "except executors.SchedulerUnavailableError as exc:\n"
         "    print('error:', exc)\n")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
@@ -356,7 +424,7 @@ def test_a_cluster_that_makes_no_progress_says_so(tmp_path):
         joiner = threading.Timer(6, lonely.start_worker)  # after the first warnings
         joiner.start()
         with pytest.warns(UserWarning, match=r"no run has finished on the Dask cluster at .* for 2 s; it has 0 worker"):
-            outcomes = dict(executors.run_dask(str, [1, 2], lonely.address, stall_warning=2))
+            outcomes = dict(run_dask(str, [1, 2], lonely.address, no_progress_warning=2))
         assert outcomes == {1: "1", 2: "2"}
         joiner.join()
     finally:

@@ -277,13 +277,42 @@ def test_no_download_when_the_files_are_there(tmp_path, mnist_dir, monkeypatch):
 
 
 def test_download_offline_raises_data_not_found(tmp_path):
-    """The machine is offline: torchvision's download fails and is reported as DataNotFoundError."""
+    """The machine is offline: torchvision's download fails and is reported as DataNotFoundError;
+    the folders torchvision made for it are removed again."""
     if _online():
         pytest.skip("network reachable: this test checks the offline failure path")
+    missing = tmp_path / "data"
     with pytest.raises(nm.DataNotFoundError) as info:
-        nm.load_dataset("mnist", tmp_path, download=True)
-    _assert_helpful_message(info.value, tmp_path)
+        nm.load_dataset("mnist", missing, download=True)
+    _assert_helpful_message(info.value, missing)
     assert "download failed" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def download_that_fails_halfway(name, root, train):
+    """What torchvision does offline after a first file: make ROOT/<Name>/raw, leave a partial file, raise."""
+    raw = Path(root) / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+    raise ConnectionError("connection reset")
+
+
+@pytest.mark.parametrize("data_dir", ["missing/nested", "."])
+def test_a_failed_download_leaves_nothing_it_created(tmp_path, monkeypatch, data_dir):
+    fake_torchvision(monkeypatch, download_that_fails_halfway)
+    with pytest.raises(nm.DataNotFoundError, match="download failed: ConnectionError: connection reset"):
+        nm.load_dataset("fashion_mnist", tmp_path / data_dir, download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_keeps_the_folders_that_were_there(tmp_path, monkeypatch):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "notes.txt").write_text("mine")
+    fake_torchvision(monkeypatch, download_that_fails_halfway)
+    with pytest.raises(nm.DataNotFoundError):
+        nm.load_dataset("mnist", tmp_path, download=True)
+    assert (raw / "notes.txt").read_text() == "mine"
 
 
 def test_ensure_dataset_returns_directory(tmp_path, mnist_dir):
@@ -365,6 +394,16 @@ def test_images_must_be_28_by_28(tmp_path):
     with pytest.raises(nm.DataFileError) as info:
         nm.load_dataset("mnist", directory)
     assert str(directory / nm.IDX_FILES["test_images"]) in str(info.value) and "not N x 28 x 28" in str(info.value)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_file_without_images_is_rejected(tmp_path, split):
+    directory = small_dataset(tmp_path)
+    _write_idx(directory / nm.IDX_FILES[f"{split}_images"], np.zeros((0, 28, 28)), compress=True)
+    _write_idx(directory / nm.IDX_FILES[f"{split}_labels"], np.zeros(0), compress=True)
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("mnist", directory)
+    assert str(info.value) == f"{directory / nm.IDX_FILES[f'{split}_images']} holds no images; download it again"
 
 
 def test_a_broken_file_stops_the_campaign_before_anything_is_written(tmp_path):

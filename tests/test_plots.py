@@ -1,5 +1,10 @@
 """plots.py on small synthetic campaigns written through results_store (and, slow, on the
 committed results): which figures exist, and that every drawn line is one experiment."""
+import contextlib
+import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +344,129 @@ def test_overview_table_says_what_the_campaign_ran(results):
     assert table.loc[("mnist", "mlp", "label_flip", "forward"), "activations"] == "relu"
     assert table.loc[("mnist", "mlp", "label_uniform", "forward"), "seeds_per_experiment"] == 2  # tanh: 2 seeds
     assert table.loc[("mnist", "mlp", "pixel_uniform", "ce"), "noise_levels"] == len(PIXEL_PS)
+
+
+# ---------------------------------------------------------------- the command line on a full or read-only disk
+
+
+@pytest.fixture
+def drawn(tmp_path) -> Path:
+    """A campaign with every figure drawn and a report.html, as a previous plots.py left them."""
+    directory = campaign(tmp_path / "drawn", grid_records(("relu",), ("label_uniform", "pixel_uniform")))
+    plots.write_figures(directory)
+    (directory / "report.html").write_text("<html>the previous report</html>")
+    return directory
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, temporary ones included, by relative path."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def run_plots(directory: Path, *options: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "plots.py", str(directory), *options], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, preexec_fn=preexec_fn)
+
+
+def assert_storage_error(done: subprocess.CompletedProcess, path: Path, reason: str) -> None:
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr == (f"error: {path}: {reason}. Free some space or fix the permissions, then run the same "
+                           "command again; the figures and report already there are unchanged.\n")
+
+
+def test_a_file_size_limit_leaves_the_previous_figures_whole(drawn):
+    """RLIMIT_FSIZE (SIGXFSZ ignored) fails writes beyond 10 kB, as a full disk fails them."""
+    before = contents(drawn)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    done = run_plots(drawn, preexec_fn=small_files)
+    assert_storage_error(done, drawn / "figures" / plots.FIGURE_FILES["accuracy_vs_p"], "File too large")
+    assert contents(drawn) == before
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MB tmpfs mounted at tmp_path/disk (needs the right to mount: root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path) -> None:
+    """Take every free byte of the filesystem at `disk`."""
+    with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 4096)
+
+
+def test_a_full_disk_leaves_the_previous_figures_and_report_whole(drawn, small_tmpfs):
+    out = small_tmpfs / "campaign"
+    shutil.copytree(drawn, out)
+    fill(small_tmpfs)
+    before = contents(out)
+    assert_storage_error(run_plots(out), out / "figures" / plots.FIGURE_FILES["accuracy_vs_p"],
+                         "No space left on device")
+    assert contents(out) == before
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """No file can be created, replaced or removed in `directory`: write permission taken away, and for root,
+    whom permissions do not stop, the immutable attribute (chattr +i)."""
+    mode = directory.stat().st_mode
+    directory.chmod(0o555)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        directory.chmod(mode)
+        pytest.skip("running as root on a filesystem without chattr +i: cannot make a directory read-only")
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(mode)
+
+
+def test_a_read_only_figures_directory_is_named_and_left_as_it_was(drawn):
+    before = contents(drawn)
+    with read_only(drawn / "figures"):
+        done = run_plots(drawn)
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert_storage_error(done, drawn / "figures" / plots.FIGURE_FILES["accuracy_vs_p"], reason)
+    assert contents(drawn) == before
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_written_leaves_the_previous_one(drawn):
+    """The notebook runs, then report.html cannot replace the previous one; the kernel talks over
+    IPC, so Jupyter's warning about unencrypted TCP never shows."""
+    with read_only(drawn):
+        done = run_plots(drawn, "--report")
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(f"error: {drawn / 'report.html'}: {reason}. Free some space"), done.stderr
+    assert (drawn / "report.html").read_text() == "<html>the previous report</html>"
+    assert not list(drawn.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("options", [[], ["--report"]])
+@pytest.mark.parametrize("runs", ["failed", "none"])
+def test_a_campaign_without_a_finished_run_is_said_in_one_line(tmp_path, options, runs):
+    failed = [{**r, "status": "failed", "error": "RuntimeError"} for r in grid_records(("relu",), ("label_flip",))]
+    directory = campaign(tmp_path, failed)
+    if runs == "none":  # a per-run CSV with its header only
+        per_run = directory / rs.PER_RUN_CSV
+        per_run.write_text(per_run.read_text().splitlines()[0] + "\n")
+    done = run_plots(directory, *options)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"no finished run in {directory}/{rs.PER_RUN_CSV} (none has finished yet, or all "
+                           "failed): nothing to draw or report\n")
+    assert not (directory / "figures").exists() and not (directory / "report.html").exists()

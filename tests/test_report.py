@@ -1,13 +1,15 @@
 """The researcher's path after a campaign: the report, and a checkout that stays clean."""
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import results_store as rs
-from conftest import tiny_argv
+from conftest import campaign, grid_records, tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +53,27 @@ def test_readme_smoke_command_leaves_a_clean_checkout_clean(mnist_dir, tmp_path)
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
                             capture_output=True, text=True, check=True)
     assert status.stdout == ""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_report_quietly_and_its_kernel_too(tmp_path, signum):
+    """Ctrl-C or SIGTERM while the notebook runs: exit code 130, no traceback, no kernel left,
+    and no report.html, whole or partial."""
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_uniform",)))
+    report = subprocess.Popen([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (kernels := [p for p in psutil.Process(report.pid).children(recursive=True)
+                               if "ipykernel_launcher" in " ".join(p.cmdline())]):
+            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
+            time.sleep(0.05)
+        report.send_signal(signum)
+        stdout, stderr = report.communicate(timeout=120)
+    finally:
+        if report.poll() is None:
+            report.kill()
+    assert report.returncode == 130 and stderr == "", stderr
+    assert not (directory / "report.html").exists() and not list(directory.rglob(".*.tmp"))
+    [kernel] = kernels
+    assert not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE
