@@ -28,6 +28,7 @@ K = registry.NUM_CLASSES
 NOISE_ORDER = list(registry.NOISE_TYPES)
 LABEL_NOISE, PIXEL_NOISE = registry.of_kind("label"), registry.of_kind("pixel")
 NOTEBOOK = Path(__file__).resolve().parent / "analysis.ipynb"
+REFERENCE_DIR = NOTEBOOK.parent / "results" / "reference"  # the campaign whose prose the notebook carries
 # Config fields other than dataset and model that tell experiments apart: when one varies, its
 # value joins the panel titles (activation, noise type and matrix and p are drawn apart).
 OTHER_FIELDS = [f for f in rs.GROUP_FIELDS if f not in ("dataset", "model_type", "activation", "noise_type",
@@ -359,6 +360,16 @@ def select(results: rs.Results, **values) -> rs.Results:
     return rs.Results(*(part(table) for table in dataclasses.astuple(results)))
 
 
+def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
+    """The results at the `chosen` settings and, for each other setting that still varies (losses aside: the
+    figures draw each), its first value; and the slice taken."""
+    summary = results.summary[results.summary["loss"] == "ce"] if (results.summary["loss"] == "ce").any() else \
+        results.summary
+    varying = [f for f in OTHER_FIELDS if f not in rs.LOSS_FIELDS and f not in chosen and summary[f].nunique() > 1]
+    chosen = {**chosen, **{f: sorted(summary[f].dropna().unique(), key=str)[0] for f in varying}}
+    return select(results, **chosen), chosen
+
+
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
     """What the campaign ran: per dataset, model, noise type and loss, the activations, the number of noise
     levels, the epochs and the fewest seeds of any experiment."""
@@ -534,6 +545,24 @@ def run_interruptibly(coroutine) -> None:
         raise KeyboardInterrupt
 
 
+def without_reference_prose(notebook, output_dir: Path):
+    """The notebook for a report of `output_dir`: unless that is the reference campaign, each run of the cells
+    tagged "reference" (prose about its results) becomes a one-line note, and the figures and tables stay."""
+    if output_dir.resolve() == REFERENCE_DIR:
+        return notebook
+    import nbformat
+    note = (f"*Prose about the reference campaign (results/reference/) left out: this report is of {output_dir}, "
+            "whose figures and tables follow.*")
+    cells = []
+    for cell in notebook.cells:
+        if "reference" not in cell.metadata.get("tags", []):
+            cells.append(cell)
+        elif not cells or cells[-1].source != note:
+            cells.append(nbformat.v4.new_markdown_cell(note))
+    notebook.cells = cells
+    return notebook
+
+
 def write_report(output_dir: Path) -> Path:
     """Execute analysis.ipynb on the campaign in `output_dir` and save it as output_dir/report.html."""
     import tempfile
@@ -542,7 +571,7 @@ def write_report(output_dir: Path) -> Path:
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
     from traitlets.config import Config
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = without_reference_prose(nbformat.read(NOTEBOOK, as_version=4), Path(output_dir))
     os.environ["ANALYSIS_RESULTS_DIR"] = str(Path(output_dir).resolve())  # read by the parameters cell
     # the kernel talks over Unix sockets (IPC), not unencrypted TCP; their names start with this absolute path
     sockets = f"{tempfile.gettempdir()}/report-kernel-{os.getpid()}"

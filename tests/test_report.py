@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import results_store as rs
-from conftest import campaign, grid_records, tiny_argv
+from conftest import TINY_RUNS, campaign, grid_records, tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_report_renders_while_the_campaign_runs(mnist, mnist_dir, tmp_path):
         html = (out / "report.html").read_text()
         assert "Test accuracy and cross-entropy against the noise level" in html and "data:image/png;base64" in html
         assert campaign.wait(timeout=300) == 0
-        assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 8
+        assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == TINY_RUNS
     finally:
         if campaign.poll() is None:
             campaign.kill()
@@ -77,3 +77,23 @@ def test_a_signal_ends_the_report_quietly_and_its_kernel_too(tmp_path, signum):
     assert not (directory / "report.html").exists() and not list(directory.rglob(".*.tmp"))
     [kernel] = kernels
     assert not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.slow
+def test_the_report_of_another_campaign_carries_no_reference_prose(tmp_path):
+    """Its figures and tables are that campaign's; each piece of prose about the reference results is one note."""
+    import nbformat
+
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip", "pixel_uniform")))
+    report = subprocess.run([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    html = (directory / "report.html").read_text()
+    reference = [cell.source for cell in nbformat.read(ROOT / "analysis.ipynb", as_version=4).cells
+                 if "reference" in cell.metadata.get("tags", [])]
+    assert len(reference) >= 5
+    for number in ("95.5%", "82.2%", "90.2%", "97.5", "0.803", "58.0–73.4%", "1.2–2.2%"):
+        assert number in "".join(reference) and number not in html
+    notes = html.count("Prose about the reference campaign (results/reference/) left out")
+    assert 1 <= notes <= len(reference)
+    assert "Test accuracy and cross-entropy against the noise level" in html and "data:image/png;base64" in html
