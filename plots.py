@@ -112,11 +112,11 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
 
 
 def errorbar_line(ax, frame: pd.DataFrame, column: str, label: str, color: str, linestyle: str = "-") -> None:
-    """One experiment's `column` mean vs p, bars one standard error; no line through a p without a value."""
-    frame = frame.sort_values("p")
+    """One experiment's `column` mean vs p, bars one standard error."""
+    frame = frame[frame[f"{column}_mean"].notna()].sort_values("p")
     if frame["p"].duplicated().any():
         raise ValueError(f"line {label!r} would mix experiments: several rows per p")
-    if frame[f"{column}_mean"].notna().any():
+    if len(frame):
         ax.errorbar(frame["p"], frame[f"{column}_mean"], yerr=frame[f"{column}_stderr"], label=label, color=color,
                     linestyle=linestyle, marker="o", markersize=3, capsize=2, linewidth=1.3, elinewidth=0.9)
 
@@ -243,9 +243,11 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     def draw(ax, part, metric):
         ps = sorted(part["p"].unique())  # a loss without a run at some p gets a gap there
         for variant in variants:
-            line = part[part["variant"] == variant].set_index("p").reindex(ps).reset_index()
-            line_color = "black" if variant == "ce" else f"C{variants.index(variant) - 1}"
-            errorbar_line(ax, line, metric, variant, line_color)
+            line = part[part["variant"] == variant].set_index("p").reindex(ps)
+            present = line[f"{metric}_mean"].notna()
+            for _, segment in line[present].groupby((~present).cumsum()[present]):
+                line_color = "black" if variant == "ce" else f"C{variants.index(variant) - 1}"
+                errorbar_line(ax, segment.reset_index(), metric, variant, line_color)
         theory(ax, part, metric)
     panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss", PAIRED_LOSS)]
               for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"])

@@ -56,7 +56,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
     try:

@@ -627,8 +627,6 @@ class Campaign:
         self.metadata["finished_at"] = now() if finished else None
         rs.write_csvs(list(self.records.values()), self.output_dir, self.target)
         self.write_metadata()
-        if not finished:  # interrupted: the CSVs now, the figures with the next run or plots.py
-            return
         try:
             import plots
             plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)

@@ -30,7 +30,7 @@ import executors
 import nnet_models as nm
 import results_store as rs
 import run_experiments as rx
-from conftest import per_run_lines, run_files, run_main, same
+from conftest import TINY_RUNS, per_run_lines, run_files, run_main, same
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULER = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
@@ -211,7 +211,7 @@ def test_a_campaign_without_its_scheduler_stops_with_the_error(mnist_dir, tmp_pa
     code, stdout, stderr = run_main(dask_argv(address, mnist_dir, out))
     assert code == 1, stdout + stderr  # an error, not an interruption
     assert f"error: no Dask scheduler answered at {address!r}" in stderr
-    assert f"8 runs in the grid, 0 already done, 8 to run on the Dask cluster at {address}." in stdout
+    assert f"{TINY_RUNS} runs in the grid, 0 already done, {TINY_RUNS} to run on the Dask cluster at {address}." in stdout
     assert "0 ok, 0 failed, 0 diverged, 8 pending." in stdout and "run the same command again to resume" in stdout
     assert run_files(out) == {}
 
@@ -236,8 +236,8 @@ def test_a_campaign_runs_on_the_cluster_as_it_would_here(cluster, mnist, mnist_d
     argv = dask_argv(cluster.address, mnist_dir, out)
     code, stdout, stderr = run_main(argv)
     assert code == 0, stdout + stderr
-    assert f"8 runs in the grid, 0 already done, 8 to run on the Dask cluster at {cluster.address}." in stdout
-    assert len(per_run_lines(stdout)) == 8 and "8 ok, 0 failed, 0 diverged, 0 pending." in stdout
+    assert f"{TINY_RUNS} runs in the grid, 0 already done, {TINY_RUNS} to run on the Dask cluster at {cluster.address}." in stdout
+    assert len(per_run_lines(stdout)) == TINY_RUNS and f"{TINY_RUNS} ok, 0 failed, 0 diverged, 0 pending." in stdout
     specs = rx.build_grid(config_of(argv))
     records = rs.RunStore(out).load()
     assert set(records) == {spec.run_id for spec in specs}
@@ -247,7 +247,7 @@ def test_a_campaign_runs_on_the_cluster_as_it_would_here(cluster, mnist, mnist_d
         local = rx.run_one(spec)
         assert same({k: v for k, v in records[spec.run_id].items() if k not in VOLATILE},
                     {k: v for k, v in local.items() if k not in VOLATILE}), spec
-    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == 8 and len(rs.read_csv(out / rs.SUMMARY_CSV)) == 4
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == TINY_RUNS and len(rs.read_csv(out / rs.SUMMARY_CSV)) == 4
     assert list((out / "figures").glob("*.png"))
     # each worker process decoded MNIST once and kept it for its later runs
     cached = cluster.client.run(eval, "list(__import__('nnet_models')._DATASET_CACHE)")
@@ -357,8 +357,8 @@ def test_ctrl_c_stops_a_dask_campaign_and_cancels_its_runs(cluster, mnist, mnist
     assert 1 <= stored < 8
     cluster.wait_until_idle()  # the runs not finished were cancelled, not left running
     code, stdout, _ = run_main(argv)
-    assert code == 0 and f"8 runs in the grid, {stored} already done, {8 - stored} to run" in stdout
-    assert len(rs.RunStore(out).load()) == 8
+    assert code == 0 and f"{TINY_RUNS} runs in the grid, {stored} already done, {TINY_RUNS - stored} to run" in stdout
+    assert len(rs.RunStore(out).load()) == TINY_RUNS
 
 
 @pytest.mark.slow

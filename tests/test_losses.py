@@ -40,7 +40,7 @@ def ce_by_hand(z, y):
 BY_HAND = {
     "ce": lambda z, y, T: ce_by_hand(z, y),
     "forward": lambda z, y, T: -(softmax_by_hand(z) @ T).clamp_min(1e-12)[torch.arange(len(y)), y].log().mean(),
-    "forward_estimated": lambda z, y, T, percentile: BY_HAND["forward"](z, y, T),
+    "forward_estimated": lambda z, y, T, percentile, estimate_epochs: BY_HAND["forward"](z, y, T),
     "gce": lambda z, y, T, q: ((1 - softmax_by_hand(z)[torch.arange(len(y)), y] ** q) / q).mean(),
     "sce": lambda z, y, T, alpha, beta, A: alpha * ce_by_hand(z, y) + beta * (
         -(softmax_by_hand(z) * torch.where(one_hot(y) > 0, 0.0, A)).sum(1)).mean(),
@@ -225,5 +225,5 @@ def test_estimate_rejects_a_percentile_outside_0_100():
 
 def test_settings_are_the_papers_defaults_filled_in_around_the_given_ones():
     assert losses.loss_settings("sce", {"beta": "0.5"}) == {"alpha": 0.01, "beta": 0.5, "A": -4.0}
-    assert losses.loss_settings("forward_estimated", None) == {"percentile": 97.0}
+    assert losses.loss_settings("forward_estimated", None) == {"percentile": 97.0, "estimate_epochs": 5.0}
     assert {name for name, loss in LOSSES.items() if loss.needs_label_noise} == {"forward", "forward_estimated"}
