@@ -846,4 +846,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the closing lines are out: nothing is left to interrupt
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(exit_code)
