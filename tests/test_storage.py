@@ -31,6 +31,7 @@ def test_a_full_disk_stops_the_campaign_keeping_every_stored_run(mnist, mnist_di
     assert code == 1 and "Traceback" not in stderr
     error = next(line for line in stderr.splitlines() if line.startswith("error: could not write "))
     assert "No space left on device" in error and "run the same command again to resume" in error
+    assert error.startswith(f"error: could not write {out}/")  # names the file it could not write
     stored = rs.RunStore(out).load()
     assert 1 <= len(stored) < TINY_RUNS and all(record["status"] == "ok" for record in stored.values())
     assert not list(out.rglob("*.tmp"))  # no half-written files left behind
