@@ -60,10 +60,12 @@ class Executor:
     `stalled_run_factor` times as long as the slowest finished one, and at least `min_stall_seconds` (before any
     has finished: the factor times FIRST_RUN_GUESS); `describe(item)` names it in the warning."""
 
-    def __init__(self, fn, stalled_run_factor: float = 5, min_stall_seconds: float = 60, describe=repr):
+    def __init__(self, fn, stalled_run_factor: float = 5, min_stall_seconds: float = 60, describe=repr,
+                 kind=lambda item: None):
         self.fn, self.factor, self.min_stall, self.describe = fn, stalled_run_factor, min_stall_seconds, describe
+        self.kind = kind  # items of one kind take about as long: each is timed against its own kind
         self.queue: deque = deque()
-        self.slowest = None  # seconds of the slowest finished item
+        self.slowest: dict = {}  # seconds of the slowest finished item, by kind
 
     @staticmethod
     def config_errors(config: dict) -> list[str]:
@@ -76,17 +78,17 @@ class Executor:
     def submit(self, item) -> None:
         self.queue.append(item)
 
-    def stall_limit(self) -> float:
-        if self.slowest is None:
-            return self.factor * FIRST_RUN_GUESS
-        return max(self.min_stall, self.factor * self.slowest)
+    def stall_limit(self, item) -> float:
+        slowest = self.slowest.get(self.kind(item))
+        return self.factor * FIRST_RUN_GUESS if slowest is None else max(self.min_stall, self.factor * slowest)
 
-    def finished(self, seconds: float) -> None:
-        self.slowest = max(self.slowest or 0, seconds)
+    def finished(self, item, seconds: float) -> None:
+        self.slowest[self.kind(item)] = max(self.slowest.get(self.kind(item), 0), seconds)
 
     def warn_stalled(self, item, seconds: float, worker: str, action: str) -> None:
-        slowest = f"the slowest finished run took {self.slowest:.0f} s" if self.slowest is not None else \
-            "no run has finished"
+        slowest = self.slowest.get(self.kind(item))
+        slowest = f"the slowest finished run of its kind took {slowest:.0f} s" if slowest is not None else \
+            "no run of its kind has finished"
         warnings.warn(f"{self.describe(item)} has run for {seconds:.0f} s on {worker} ({slowest}; stalled_run_factor"
                       f" = {self.factor:g}): it looks stalled; {action}")
 
@@ -193,7 +195,7 @@ class LocalExecutor(Executor):
                         lost[key] = item
                     else:
                         quiet_since = time.monotonic()
-                        self.finished(quiet_since - running.pop(key)[1])
+                        self.finished(item, quiet_since - running.pop(key)[1])
                         yield item, future.exception() or future.result()
                 if stalled is None and not lost:
                     stalled = self._kill_stalled(pool, futures, running, time.monotonic() - quiet_since)
@@ -214,16 +216,16 @@ class LocalExecutor(Executor):
         """Kill the worker of the longest running run if it is stalled and return that run's key; or, if runs wait
         but none has started or finished for as long, kill every worker and return "pool": a worker frozen while
         it waits for a run holds the queue that the others take runs from. Else None."""
-        limit, now = self.stall_limit(), time.monotonic()
+        now, items = time.monotonic(), dict(futures.values())
         if running:
             seconds, key, pid = max((now - since, key, pid) for key, (pid, since) in running.items())
-            if seconds <= limit:
+            if seconds <= self.stall_limit(items[key]):
                 return None
-            self.warn_stalled(next(item for k, item in futures.values() if k == key), seconds,
+            self.warn_stalled(items[key], seconds,
                               f"worker process {pid}", "killing that worker; the run is tried again, up to "
                               f"max_attempts = {self.max_attempts} times in all")
             pids = [pid]
-        elif futures and quiet > limit:
+        elif futures and quiet > max(map(self.stall_limit, items.values())):
             key, pids = "pool", list(pool._processes)
             warnings.warn(f"no run has started or finished on the local workers for {quiet:.0f} s while "
                           f"{len(futures)} wait: a worker looks stalled; restarting the workers (processes "
@@ -381,7 +383,8 @@ class DaskExecutor(Executor):
                 waited = 0.0
         future = next(outcomes, None)
         if future is not None:  # one that finished before it was seen running took less than a few seconds
-            self.finished(time.monotonic() - self.running.pop(future.key, (None, time.monotonic()))[1])
+            started = self.running.pop(future.key, (None, time.monotonic()))[1]
+            self.finished(pending[future], time.monotonic() - started)
         return future
 
     def _watch(self, client, pending: dict) -> None:
@@ -400,7 +403,7 @@ class DaskExecutor(Executor):
                 if self.running.get(key, (None,))[0] != worker:
                     self.running[key] = worker, now
                 seconds = now - self.running[key][1]
-                if seconds > self.stall_limit() and (key, worker) not in self.warned and key in items:
+                if key in items and seconds > self.stall_limit(items[key]) and (key, worker) not in self.warned:
                     self.warned.add((key, worker))
                     self.warn_stalled(items[key], seconds, f"Dask worker {worker} (task {key})",
                                       "check that worker; the scheduler reruns the run elsewhere once it gives the "

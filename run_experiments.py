@@ -46,7 +46,7 @@ data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision lay
 output_dir = "results/campaign"          # where runs, CSVs and figures go
 executor = "local"                       # local (process pool on this machine) | dask (docs/cluster.md)
 dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
-stalled_run_factor = 5                   # a run this many times as slow as the slowest finished one is stalled: reported, locally rerun
+stalled_run_factor = 5                   # a run this many times as slow as the slowest finished one of its kind is stalled: reported, locally rerun
 # =======================================================================================
 CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and name != "annotations"]
 
@@ -436,7 +436,8 @@ def execute(specs: deque[RunSpec] | list[RunSpec], config: dict):
                                           sys.modules[__name__])]
     executor = executors.EXECUTORS[config["executor"]].from_config(
         run_one, config, modules, describe=lambda s: f"run {s.run_id} ({s.config.noise_type} p={s.config.p:g} "
-                                                     f"r{s.repeat}, {s.config.model_type}/{s.config.activation})")
+                                                     f"r{s.repeat}, {s.config.model_type}/{s.config.activation})",
+        kind=lambda s: dataclasses.replace(s.config, seed=0, p=0.0, noise_type=registry.CLEAN, noise_matrix=None))
     queue = specs if isinstance(specs, deque) else deque(specs)
 
     def submit_queued() -> None:
