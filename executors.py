@@ -164,11 +164,7 @@ class LocalExecutor(Executor):
         (item, CRASHED) for each started, unfinished item; unstarted ones go back to `source`; the pool is given
         up. If a stalled worker was killed: (item, STALLED) for its item, the others go back to `source`."""
         width = min(workers, len(source))
-        context = _start_method(self.threads, self.use_cuda, self.fn.__module__)
-        started = context.SimpleQueue()
-        slots = _cpu_slots(width, self.threads) if self.pin_cpus else None
-        pool = ProcessPoolExecutor(width, mp_context=context, initializer=_init_worker,
-                                   initargs=(os.getpid(), self.threads, slots, context.Value("i", 0), started))
+        pool, started = self._new_pool(width)
         futures, lost, running, keys, stalled = {}, {}, {}, itertools.count(), None
         quiet_since = time.monotonic()  # of the pool's last start or finish
 
@@ -211,6 +207,14 @@ class LocalExecutor(Executor):
                 yield item, CRASHED
             else:
                 source.appendleft(item)
+
+    def _new_pool(self, width: int):
+        """A pool of `width` workers, and the queue through which each announces (key, pid) of the item it starts."""
+        context = _start_method(self.threads, self.use_cuda, self.fn.__module__)
+        started = context.SimpleQueue()
+        slots = _cpu_slots(width, self.threads) if self.pin_cpus else None
+        return ProcessPoolExecutor(width, mp_context=context, initializer=_init_worker,
+                                   initargs=(os.getpid(), self.threads, slots, context.Value("i", 0), started)), started
 
     def _kill_stalled(self, pool: ProcessPoolExecutor, futures: dict, running: dict, quiet: float):
         """Kill the worker of the longest running run if it is stalled and return that run's key; or, if runs wait
