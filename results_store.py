@@ -183,8 +183,9 @@ def by_length(records: list[dict]) -> list[dict]:
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
     """One row per run and reported length: bookkeeping, config fields, final metrics (history left out)."""
-    columns = RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + list(registry.METRICS)
+    columns = RUN_FIELDS + CONFIG_FIELDS + ["n_params"] + list(registry.METRICS) + ["estimated_transition"]
     table = pd.DataFrame(by_length(records)).reindex(columns=columns)
+    table["estimated_transition"] = table["estimated_transition"].map(json.dumps, na_action="ignore")  # T-hat rows
     table["max_train_samples"] = table["max_train_samples"].astype("Int64")  # empty = all samples
     return table.sort_values(GROUP_FIELDS[:6] + ["repeat"], kind="stable", ignore_index=True)
 
@@ -225,15 +226,30 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
 LOSS_FIELDS = ["loss", "loss_settings"]
 
 
-def loss_effects(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each loss other than ce minus ce with the same settings, run by run on the same seed (paired), summarized
-    as minus_ce_M_<statistic> for M in DELTA_METRICS, per experiment of that loss."""
-    ok = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])
-    twins = [f for f in GROUP_FIELDS if f not in LOSS_FIELDS]
-    pairs = ok[ok["loss"] != "ce"].merge(ok[ok["loss"] == "ce"].drop(columns=LOSS_FIELDS), on=twins + ["seed"],
-                                         suffixes=("", "_ce"))
-    effects = {f"minus_ce_{m}": pairs[m] - pairs[f"{m}_ce"] for m in DELTA_METRICS}
+def paired_effects(treated: pd.DataFrame, plain: pd.DataFrame, varied: list[str], name: str) -> pd.DataFrame:
+    """`treated` runs minus their `plain` twins, the runs with the same seed and settings but for the `varied`
+    fields, summarized as <name>_M_<statistic> for M in DELTA_METRICS, per experiment of the treated runs."""
+    twins = [f for f in GROUP_FIELDS if f not in varied] + ["seed"]
+    pairs = treated.merge(plain[twins + DELTA_METRICS], on=twins, suffixes=("", "_plain"))
+    effects = {f"{name}_{m}": pairs[m] - pairs[f"{m}_plain"] for m in DELTA_METRICS}
     return summarize(pairs[GROUP_FIELDS].assign(**effects), GROUP_FIELDS, list(effects))
+
+
+def loss_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each loss other than ce minus ce with the same settings, run by run on the same seed (paired), as
+    minus_ce_M_<statistic>."""
+    ok = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])
+    return paired_effects(ok[ok["loss"] != "ce"], ok[ok["loss"] == "ce"], LOSS_FIELDS, "minus_ce")
+
+
+def early_stopping_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Early stopping as a remedy: each run with a validation split, at its epoch of lowest noisy-validation loss,
+    minus its twin trained on all the data to the last epoch (same seed and settings, no split), as
+    minus_last_epoch_M_<statistic>."""
+    ok = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])
+    stopped = ok[ok["validation_fraction"] > 0]
+    stopped = stopped.assign(**{m: stopped[f"selected_{m}"] for m in DELTA_METRICS})
+    return paired_effects(stopped, ok[ok["validation_fraction"] == 0], ["validation_fraction"], "minus_last_epoch")
 
 
 PRECISION_RULES = ("sequential", "stein")
@@ -394,7 +410,8 @@ def read_csv(path: Path) -> pd.DataFrame:
     if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # written whole, a CSV ends with one
         warnings.warn(f"{path} ends in the middle of a line: it is truncated. Rewrite it from the stored runs "
                           "with the campaign's command (it runs nothing that is done)")
-    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str})
+    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str,
+                                   "estimated_transition": str})
 
 
 def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:

@@ -269,7 +269,8 @@ def test_summary_never_pools_different_epochs_sample_counts_or_losses(hand_recor
 
 def test_per_run_table_keeps_failed_runs_and_leaves_history_out(hand_records):
     per_run = rs.per_run_table(hand_records)
-    assert list(per_run.columns) == rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + list(registry.METRICS)
+    assert list(per_run.columns) == (rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + list(registry.METRICS)
+                                     + ["estimated_transition"])
     failed = per_run[per_run["status"] == "failed"]
     assert failed["run_id"].tolist() == ["f" * 16] and failed["error"].tolist() == ["boom"]
     assert failed[list(registry.METRICS)].isna().all().all()
@@ -416,3 +417,26 @@ def test_read_results_of_a_directory_without_csvs_says_what_is_missing(tmp_path)
     with pytest.raises(FileNotFoundError, match="has a run finished") as info:
         rs.read_results(tmp_path)
     assert str(tmp_path / rs.PER_RUN_CSV) in str(info.value)
+
+
+def test_early_stopping_effects_pair_the_selected_epoch_with_the_last_epoch_of_the_run_without_a_split():
+    plain = [fake_record(f"c{r:015d}", p=0.5, repeat=r, accuracy=0.5 + r / 10, loss=1.0) for r in range(3)]
+    split = [fake_record(f"v{r:015d}", p=0.5, repeat=r, accuracy=0.1, loss=2.0)
+             | {"validation_fraction": 0.1, "selected_epoch": 1, "selected_test_accuracy": 0.7 + r * r / 100,
+                "selected_test_loss": 0.8} for r in range(3)]
+    effects = rs.early_stopping_effects(rs.per_run_table(plain + split))
+    assert len(effects) == 1 and effects.iloc[0]["validation_fraction"] == 0.1 and effects.iloc[0]["n"] == 3
+    differences = pd.Series([0.2 - r / 10 + r * r / 100 for r in range(3)])  # selected minus the plain run's last
+    row = effects.iloc[0]
+    assert row["minus_last_epoch_test_accuracy_mean"] == pytest.approx(differences.mean())
+    assert row["minus_last_epoch_test_accuracy_stderr"] == pytest.approx(differences.std(ddof=1) / math.sqrt(3))
+    assert row["minus_last_epoch_test_loss_mean"] == pytest.approx(-0.2)
+
+
+def test_the_per_run_csv_holds_the_estimated_transition_matrix(tmp_path):
+    estimated = fake_record("e" * 16, p=0.5, training_loss="forward_estimated") | {
+        "estimated_transition": [[0.75, 0.25], [0.5, 0.5]], "transition_error_mean": 0.1, "transition_error_max": 0.2}
+    rs.write_csvs([estimated, fake_record("c" * 16, p=0.5)], tmp_path)
+    runs = rs.read_csv(tmp_path / rs.PER_RUN_CSV).set_index("loss")
+    assert json.loads(runs.loc["forward_estimated", "estimated_transition"]) == [[0.75, 0.25], [0.5, 0.5]]
+    assert pd.isna(runs.loc["ce", "estimated_transition"])
