@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -49,12 +50,20 @@ def information_limit(noise: str) -> float | None:
     return registry.information_limit(noise) if noise in LABEL_NOISE and noise != "label_matrix" else None
 
 
+def varying(table: pd.DataFrame, fields=OTHER_FIELDS) -> list[str]:
+    """The `fields` with several values among the experiments of one model type (a CNN has no hidden_sizes)."""
+    return [f for f in fields if table.groupby("model_type")[f].nunique(dropna=False).max() > 1]
+
+
 def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
-    """The rows plus `setting` (dataset · model · every varying field but those drawn `apart`) and `noise`."""
-    setting = table["dataset"].astype(str) + " · " + table["model_type"].astype(str)
-    for field in (f for f in OTHER_FIELDS if f not in apart and table[f].nunique(dropna=False) > 1):
+    """The rows plus `setting` (dataset · model · every varying field but those drawn `apart`) and `noise`, in
+    the order of those fields' values."""
+    fields = [f for f in varying(table) if f not in apart]
+    table = table.sort_values(["dataset", "model_type", *fields], kind="stable")
+    setting = table["dataset"].astype(str)
+    for field in ([] if "model_type" in apart else ["model_type"]) + fields:
         text = table[field].astype(object).where(table[field].notna(), "none").astype(str)
-        setting = setting + (" · " if field == "loss_settings" else f" · {field}=") + text
+        setting = setting + (" · " if field in ("model_type", "loss_settings") else f" · {field}=") + text
     matrices = sorted(table["noise_matrix"].dropna().unique())
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
     noise = [number.get(m, t) if t == "label_matrix" else t
@@ -98,7 +107,7 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
                 ax.sharey(first_of[metric])
             first_of.setdefault(metric, ax)
             draw(ax, frame, metric)
-            ax.set(title=name, xlabel=xlabel, ylabel=LABELS.get(metric, metric))
+            ax.set(title=wrapped(name), xlabel=xlabel, ylabel=LABELS.get(metric, metric))
             if xlabel == "epoch":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if metric in UNIT_RANGE:
@@ -109,6 +118,17 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
         fig.legend(handles.values(), handles.keys(), loc="outside lower center",
                    ncols=max(1, min(len(handles), int(width / 2.8))))
     return fig
+
+
+def wrapped(title: str, width: int = 45) -> str:
+    """A panel title broken into lines after its " · " separators, each line at most about `width` characters."""
+    lines = []
+    for part in title.split(" · "):
+        if lines and len(lines[-1]) + len(part) + 3 <= width:
+            lines[-1] += f" · {part}"
+        else:
+            lines.append(part)
+    return " ·\n".join(lines)
 
 
 def errorbar_line(ax, frame: pd.DataFrame, column: str, label: str, color: str, linestyle: str = "-") -> None:
@@ -163,7 +183,7 @@ def by_activation(frame: pd.DataFrame, metrics, title: str, draw=noise_panel, by
     metrics = [m for m in metrics if f"{m}_mean" in frame and frame[f"{m}_mean"].notna().any()]
     if not metrics:
         return None
-    rows = list(frame.groupby("setting"))
+    rows = list(frame.groupby("setting", sort=False))
     if by_noise:
         rows = [(f"{setting} · {noise}", part[part["noise"] == noise]) for setting, part in rows
                 for noise in ordered(part["noise"], NOISE_ORDER)]
@@ -197,7 +217,7 @@ def plot_label_vs_pixel(summary: pd.DataFrame) -> Figure | None:
     families = (("label noise", frame[label]), ("pixel noise", frame[~label]))
     panels = [[(f"{setting} · {a} · {family}", part[(part["setting"] == setting) & (part["activation"] == a)], m)
                for m in ("test_accuracy", "test_loss") for family, part in families]
-              for setting in sorted(frame["setting"].unique()) for a in ordered(frame["activation"], registry.ACTIVATIONS)]
+              for setting in frame["setting"].unique() for a in ordered(frame["activation"], registry.ACTIVATIONS)]
     return grid(panels, noise_panel, "Label noise vs pixel noise" + OVER_SEEDS)
 
 
@@ -226,7 +246,7 @@ def plot_label_noise_theory(summary: pd.DataFrame) -> Figure | None:
         theory(ax, part, metric, black=True)
     noises = ordered(frame["noise"], NOISE_ORDER)
     panels = [[(f"{setting} · {noise}", part[part["noise"] == noise], metric) for noise in noises]
-              for setting, part in frame.groupby("setting") for metric in ("test_accuracy", "test_loss")]
+              for setting, part in frame.groupby("setting", sort=False) for metric in ("test_accuracy", "test_loss")]
     return grid(panels, draw, f"Label noise: measurements (a line per activation) vs theory (black), K = {K}")
 
 
@@ -250,24 +270,39 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
                 errorbar_line(ax, segment.reset_index(), metric, variant, line_color)
         theory(ax, part, metric)
     panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss", PAIRED_LOSS)]
-              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"])
+              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"], sort=False)
               if part["variant"].nunique() > 1]
     if not panels:
         return None
     return grid(panels, draw, "Losses vs cross-entropy (ce) on the same seeds" + OVER_SEEDS)
 
 
+def plot_models(summary: pd.DataFrame) -> Figure | None:
+    """Figure 14: model types side by side, a line per model, a panel per noise type and metric."""
+    frame = experiments(summary[summary["loss"] == "ce"], apart=["model_type"])
+    if frame["model_type"].nunique() < 2:
+        return None
+
+    def draw(ax, part, metric):
+        for i, (model, line) in enumerate(part.groupby("model_type")):
+            errorbar_line(ax, line, metric, model, f"C{i}")
+        theory(ax, part, metric)
+    panels = [[(f"{setting} · {activation} · {noise}", part, m) for (setting, activation, noise), part
+               in frame.groupby(["setting", "activation", "noise"], sort=False)] for m in ("test_accuracy", "test_loss")]
+    return grid(panels, draw, "Models under each noise type" + OVER_SEEDS)
+
+
 def variant_figure(summary: pd.DataFrame, prefix: str, variants: tuple[str, str], title: str, noise_types,
                    extra=()) -> Figure | None:
     """Figures 11 and 12: accuracy and cross-entropy (solid) vs their `prefix` variant (dashed), then `extra`."""
-    frame = experiments(summary)
-    frame = frame[frame["noise_type"].isin(noise_types) & frame[f"{prefix}test_accuracy_mean"].notna()]
+    frame = experiments(summary[summary["noise_type"].isin(noise_types)
+                                & summary[f"{prefix}test_accuracy_mean"].notna()])
 
     def draw(ax, part, metric):
         if metric not in extra:
             noise_lines(ax, part, metric, "-", variants[0])
         noise_lines(ax, part, metric if metric in extra else prefix + metric, "--", variants[1])
-    return by_activation(frame, ("test_accuracy", "test_loss", *extra), title, draw)
+    return by_activation(frame, ("test_accuracy", "test_loss", *extra), title, draw, metrics_across=True)
 
 
 def plot_early_stopping(summary: pd.DataFrame) -> Figure | None:
@@ -334,7 +369,7 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
         ax.set_xlim(0, 1)
     panels = [[(f"{setting} · {noise} · p = {p:g}", part[(part["noise"] == noise) & (part["p"] == p)],
                 "accuracy") for p in levels(noise, part.loc[part["noise"] == noise, "p"])]
-              for setting, part in frame.groupby("setting") for noise in ordered(part["noise"], NOISE_ORDER)]
+              for setting, part in frame.groupby("setting", sort=False) for noise in ordered(part["noise"], NOISE_ORDER)]
     title = "Reliability on the clean test set (final models; marker area: share of test images)"
     return grid(panels, draw, title, xlabel="confidence (max softmax)")
 
@@ -347,8 +382,8 @@ NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the ta
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
     """The runs with plain cross-entropy; a table of several settings (a slice the report did not choose) raises."""
     table = summary[summary["loss"] == "ce"]
-    if varying := [f for f in OTHER_FIELDS if table[f].nunique(dropna=False) > 1]:
-        raise ValueError(f"the tables take one value of each setting, and {', '.join(varying)} vary: choose one "
+    if several := varying(table):
+        raise ValueError(f"the tables take one value of each setting, and {', '.join(several)} vary: choose one "
                          "with the notebook's SLICE (plots.select)")
     return table
 
@@ -367,8 +402,8 @@ def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
     figures draw each), its first value; and the slice taken."""
     summary = results.summary[results.summary["loss"] == "ce"] if (results.summary["loss"] == "ce").any() else \
         results.summary
-    varying = [f for f in OTHER_FIELDS if f not in rs.LOSS_FIELDS and f not in chosen and summary[f].nunique() > 1]
-    chosen = {**chosen, **{f: sorted(summary[f].dropna().unique(), key=str)[0] for f in varying}}
+    several = [f for f in varying(summary) if f not in rs.LOSS_FIELDS and f not in chosen]
+    chosen = {**chosen, **{f: sorted(summary[f].dropna().unique())[0] for f in several}}
     return select(results, **chosen), chosen
 
 
@@ -434,6 +469,54 @@ def loss_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat({"": effects[["n"]].rename(columns={"n": "pairs"}), **parts}, axis=1).sort_index().round(3)
 
 
+def with_interval(table: pd.DataFrame, column: str, scale: float = 100, sign: str = "+") -> pd.Series:
+    """`column`'s mean and 95% confidence interval as text, times `scale` (100: fractions in points)."""
+    mean, low, high = (scale * table[f"{column}_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
+    form = f"{sign}.{1 if scale == 100 else 3}f"
+    return pd.Series([f"{m:{form}} [{lo:{form}}, {hi:{form}}]" for m, lo, hi in zip(mean, low, high)],
+                     index=table.index)
+
+
+def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
+    """What protects against label noise: each loss minus ce, and early stopping (a validation split's epoch of
+    lowest noisy-validation loss) minus the last epoch without a split, paired on the same seeds: the mean
+    difference of `metric` (accuracy in points) and its 95% interval, a column per remedy."""
+    losses, stopped = rs.loss_effects(runs), rs.early_stopping_effects(runs)
+    losses = losses[losses["validation_fraction"] == 0].assign(
+        remedy=losses["loss"] + (" " + losses["loss_settings"].fillna("")).where(losses["loss_settings"].notna(), ""),
+        effect=with_interval(losses, f"minus_ce_{metric}", 100 if metric in UNIT_RANGE else 1))
+    stopped = stopped.assign(remedy="early stopping" + (" (" + stopped["loss"] + ")").where(stopped["loss"] != "ce", ""),
+                             effect=with_interval(stopped, f"minus_last_epoch_{metric}", 100 if metric in UNIT_RANGE else 1))
+    both = pd.concat([losses, stopped], ignore_index=True)
+    if both.empty:
+        return pd.DataFrame({"no remedy with its plain twin on the same seeds in these results": []})
+    rows = [f for f in rs.GROUP_FIELDS if f in ("noise_type", "p", "epochs") or f in varying(both, OTHER_FIELDS)
+            and f not in [*rs.LOSS_FIELDS, "validation_fraction"]]
+    return both.pivot(index=rows, columns="remedy", values="effect").fillna("")
+
+
+def transition_error_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """forward_estimated at p > 0: the mean and largest absolute error of its estimated T, and how far its diagonal
+    (the share of labels kept) lies above the true one on average, each averaged over seeds."""
+    estimated = runs[(runs["loss"] == "forward_estimated") & (runs["status"] == "ok") & (runs["p"] > 0)]
+    estimated = estimated.drop_duplicates("run_id")  # the same estimate at every reported length
+    true = [registry.transition_matrix(t, p, json.loads(m) if isinstance(m, str) else None)
+            for t, p, m in zip(estimated["noise_type"], estimated["p"], estimated["noise_matrix"])]
+    bias = [np.mean(np.diag(json.loads(t_hat)) - np.diag(t)) for t_hat, t in zip(estimated["estimated_transition"], true)]
+    table = estimated.assign(diagonal_bias=bias).groupby(["noise_type", "p"])
+    return table[["transition_error_mean", "transition_error_max", "diagonal_bias"]].mean().rename(columns={
+        "transition_error_mean": "T error: mean", "transition_error_max": "T error: largest",
+        "diagonal_bias": "diagonal: estimated − true"}).round(3)
+
+
+def model_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy (points) with its 95% interval at each noise level, a column per model type."""
+    frame = uncorrected(summary)
+    accuracy = pd.concat([frame[NOISE_LEVEL + ["activation"]], with_interval(frame, "test_accuracy", sign="").rename(
+        "accuracy")], axis=1)
+    return accuracy.pivot(index=NOISE_LEVEL[2:] + ["activation"], columns="model_type", values="accuracy")
+
+
 def paired_vs_unpaired_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Per noise type, the standard error of the paired difference from p = 0 divided by the unpaired one,
     sqrt(se at p ** 2 + se at 0 ** 2): below 1, pairing narrows the interval."""
@@ -460,6 +543,7 @@ FIGURES = {  # name: (file, the figure of a results_store.Results, None when its
     "early_stopping": ("fig11_early_stopping.png", lambda r: plot_early_stopping(r.summary)),
     "pixel_test_matching": ("fig12_pixel_test_matching.png", lambda r: plot_pixel_test_matching(r.summary)),
     "paired_differences": ("fig13_paired_differences.png", lambda r: plot_paired_differences(r.summary)),
+    "models": ("fig14_models.png", lambda r: plot_models(r.summary)),
 }
 FIGURE_FILES = {name: file for name, (file, _) in FIGURES.items()}
 HEADLINE_FIGURES = ("accuracy_vs_p", "loss_vs_p", "label_vs_pixel")  # drawn at the end of every campaign

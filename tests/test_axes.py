@@ -273,7 +273,7 @@ def test_the_figures_show_each_setting_in_panels_of_its_own(axes_campaigns):
     assert drawn == sorted(plots.FIGURE_FILES[name] for name in plots.HEADLINE_FIGURES)
     results = rs.read_results(out)
     fig = plots.plot_metric_vs_p(results.summary, "test_accuracy")
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
     assert len(titles) == len(set(titles)) == 2 * len(SETTINGS)  # every setting at epochs 1 and 2
     assert sorted((float(s["learning_rate"]), s["hidden_sizes"], int(s["epochs"])) for s in map(panel_settings, titles)) \
         == sorted((lr, hs, epochs) for lr, hs in SETTINGS for epochs in (1, 2))
@@ -281,7 +281,7 @@ def test_the_figures_show_each_setting_in_panels_of_its_own(axes_campaigns):
     for ax in fig.axes:
         if not ax.get_title():
             continue
-        setting = panel_settings(ax.get_title())
+        setting = panel_settings(ax.get_title().replace("\n", " "))
         rows = summary[(summary["learning_rate"] == float(setting["learning_rate"]))
                        & (summary["hidden_sizes"] == setting["hidden_sizes"])
                        & (summary["epochs"] == int(setting["epochs"]))]
@@ -291,7 +291,7 @@ def test_the_figures_show_each_setting_in_panels_of_its_own(axes_campaigns):
             np.testing.assert_array_equal(container.lines[0].get_ydata(), line["test_accuracy_mean"])
     # one length: the four settings, each in its own titled panel
     longest = plots.plot_metric_vs_p(plots.select(results, epochs=2).summary, "test_accuracy")
-    settings = [panel_settings(ax.get_title()) for ax in longest.axes if ax.get_title()]
+    settings = [panel_settings(ax.get_title().replace("\n", " ")) for ax in longest.axes if ax.get_title()]
     assert sorted((float(s["learning_rate"]), s["hidden_sizes"]) for s in settings) == sorted(SETTINGS)
     assert all("epochs" not in s for s in settings)  # no longer varying: not in the titles
 

@@ -48,14 +48,15 @@ def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monke
     assert [path.name for path in (longer / "figures").glob("*.png")] == [plots.FIGURE_FILES["memorisation"]]
     written = {path.name for path in (results_dir / "figures").glob("*.png")}
     assert written == set(plots.FIGURE_FILES.values()) - {plots.FIGURE_FILES[name] for name in (
-        "early_stopping", "memorisation")}  # no validation split; memorisation: above
+        "early_stopping", "memorisation", "models")}  # no validation split; memorisation: above; one model
     written |= {plots.FIGURE_FILES["memorisation"]}
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) == len(written)
     skipped = [output["text"] for output in outputs if output.get("name") == "stdout" and "skipped" in output["text"]]
-    assert skipped == [f"{plots.FIGURE_FILES['early_stopping']}: no data for it in {results_dir}; skipped\n"]
+    assert skipped == [f"{plots.FIGURE_FILES[name]}: no data for it in {results_dir}; skipped\n"
+                       for name in ("early_stopping", "models")]  # no validation split, one model type
     tables = [output for output in outputs if "text/html" in output.get("data", {})]
-    assert len(tables) == 10  # the runs not ok, the campaign overview and the eight tables
+    assert len(tables) == 16  # the runs not ok, the campaign overview and the fourteen tables
 
 
 @pytest.mark.slow

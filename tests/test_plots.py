@@ -16,7 +16,7 @@ from matplotlib.container import ErrorbarContainer
 import plots
 import registry
 import results_store as rs
-from conftest import LABEL_PS, PIXEL_PS, SEEDS, campaign, grid_records, record
+from conftest import EPOCHS, LABEL_PS, PIXEL_PS, SEEDS, campaign, grid_records, record
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two permutation matrices for label_matrix: class k -> k + 1 and class k -> k + 2.
@@ -94,9 +94,9 @@ def test_every_line_is_one_experiment_with_standard_error_bars(results, draw, me
     assert drawn
     for ax, container in drawn:
         matches = matching_experiments(container, lines)
-        assert len(matches) == 1, (ax.get_title(), container.get_label())
+        assert len(matches) == 1, (ax.get_title().replace("\n", " "), container.get_label())
         experiment = matches[0]
-        assert experiment["activation"] in ax.get_title() + container.get_label()
+        assert experiment["activation"] in ax.get_title().replace("\n", " ") + container.get_label()
         np.testing.assert_allclose(half_lengths(container), experiment["stderr"], rtol=1e-9)
 
 
@@ -109,8 +109,8 @@ def test_figures_draw_each_loss_in_panels_of_its_own_and_compare_them_in_figure_
     lines = experiment_lines(results.summary, ["test_accuracy"])
     by_panel = plots.plot_metric_vs_p(results.summary, "test_accuracy")
     for ax, container in errorbars(by_panel):
-        assert matching_experiments(container, lines)[0]["loss"] == loss_in(ax.get_title())
-    assert {loss_in(ax.get_title()) for ax, _ in errorbars(by_panel)} == {"ce", "forward"}
+        assert matching_experiments(container, lines)[0]["loss"] == loss_in(ax.get_title().replace("\n", " "))
+    assert {loss_in(ax.get_title().replace("\n", " ")) for ax, _ in errorbars(by_panel)} == {"ce", "forward"}
     compared = plots.plot_losses(results.summary, results.runs)
     by_loss = {}
     for ax, container in errorbars(compared):
@@ -125,7 +125,7 @@ def test_figures_draw_each_loss_in_panels_of_its_own_and_compare_them_in_figure_
 
 def test_losses_panel_shows_each_loss_minus_ce_paired_by_seed(results):
     fig = plots.plot_losses(results.summary, results.runs)
-    paired = {ax.get_title(): c for ax, c in errorbars(fig) if is_paired_loss_panel(ax)}
+    paired = {ax.get_title().replace("\n", " "): c for ax, c in errorbars(fig) if is_paired_loss_panel(ax)}
     assert sorted(paired) == ["mnist · mlp · relu · label_flip", "mnist · mlp · tanh · label_uniform"]
     assert {c.get_label() for c in paired.values()} == {"forward"}
     effects = rs.loss_effects(results.runs)
@@ -196,7 +196,7 @@ def test_panel_columns_are_activations_and_rows_settings(tmp_path):
     records = grid_records(("relu", "gelu"), ("label_flip",), seeds=SEEDS[:2])
     records += grid_records(("relu",), ("label_flip",), seeds=SEEDS[:2], model_type="cnn")
     fig = plots.plot_metric_vs_p(rs.read_results(campaign(tmp_path, records)).summary, "test_accuracy")
-    titles = [[ax.get_title() for ax in row] for row in np.reshape(fig.axes, (2, 2))]
+    titles = [[ax.get_title().replace("\n", " ") for ax in row] for row in np.reshape(fig.axes, (2, 2))]
     assert titles == [["mnist · cnn · relu", ""], ["mnist · mlp · relu", "mnist · mlp · gelu"]]
 
 
@@ -249,7 +249,7 @@ def test_learning_curves_are_one_experiment_per_line(results):
     assert len(lines) == 2 * len(experiments)  # test accuracy and cross-entropy
     for ax, line in lines:
         metric = "test_accuracy" if ax.get_ylabel() == plots.LABELS["test_accuracy"] else "test_loss"
-        setting, noise_type, activation = ax.get_title().rsplit(" · ", 2)
+        setting, noise_type, activation = ax.get_title().replace("\n", " ").rsplit(" · ", 2)
         part = curves[(curves["activation"] == activation) & (curves["noise_type"] == noise_type)
                       & (curves["loss"] == loss_in(setting))]
         matches = [p for p, one in part.groupby("p") if np.array_equal(one[f"{metric}_mean"], line.get_ydata())]
@@ -258,7 +258,7 @@ def test_learning_curves_are_one_experiment_per_line(results):
 
 def test_memorisation_shows_label_noise_above_zero_only(results):
     fig = plots.plot_memorisation(results.curves)
-    titles = {ax.get_title() for ax in fig.axes if ax.get_title()}
+    titles = {ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()}
     assert {title.rsplit(" · ", 2)[1] for title in titles} == {"label_uniform", "label_flip"}
     metrics = 4  # test accuracy, memorised, corrupted predicted as true, uncorrupted train accuracy
     experiments = 2 * 2 + 2  # ce: relu and tanh x the two label noise types; forward: one each
@@ -270,7 +270,7 @@ def test_reliability_lines_are_the_pooled_bins_of_one_experiment(results):
     for ax in fig.axes:
         if not ax.get_title():
             continue
-        setting, noise_type, p = ax.get_title().rsplit(" · ", 2)
+        setting, noise_type, p = ax.get_title().replace("\n", " ").rsplit(" · ", 2)
         pooled = results.reliability[results.reliability["loss"] == loss_in(setting)]
         assert float(p.removeprefix("p = ")) < (plots.information_limit(noise_type) or np.inf)
         for line in ax.lines[1:]:  # after the diagonal
@@ -314,7 +314,8 @@ def test_several_noise_matrices_get_lines_of_their_own(tmp_path):
 
 def test_write_figures_writes_every_figure_with_data(results_dir, tmp_path):
     paths = plots.write_figures(results_dir, figures_dir=tmp_path)
-    expected = set(plots.FIGURE_FILES.values()) - {plots.FIGURE_FILES["early_stopping"]}  # no validation split
+    # no validation split, one model type
+    expected = set(plots.FIGURE_FILES.values()) - {plots.FIGURE_FILES["early_stopping"], plots.FIGURE_FILES["models"]}
     assert {p.name for p in paths} == expected and all(p.parent == tmp_path for p in paths)
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
 
@@ -470,3 +471,43 @@ def test_a_campaign_without_a_finished_run_is_said_in_one_line(tmp_path, options
     assert done.stderr == (f"no finished run in {directory}/{rs.PER_RUN_CSV} (none has finished yet, or all "
                            "failed): nothing to draw or report\n")
     assert not (directory / "figures").exists() and not (directory / "report.html").exists()
+
+
+def test_panel_titles_break_after_a_separator_only():
+    title = "mnist · mlp · epochs=30 · validation_fraction=0.1 · learning_rate=0.001 · relu · label_flip"
+    lines = plots.wrapped(title).split("\n")
+    assert len(lines) > 1 and all(len(line) <= 47 for line in lines)
+    assert all(line.endswith(" ·") for line in lines[:-1]) and " ".join(lines) == title
+    assert plots.wrapped("mnist · mlp") == "mnist · mlp"
+
+
+def test_models_figure_draws_a_line_per_model_on_the_same_seeds(tmp_path):
+    records = grid_records(("relu",), ("label_flip",)) + grid_records(("relu",), ("label_flip",), model_type="cnn",
+                                                                      hidden_sizes=())
+    results = rs.read_results(campaign(tmp_path, records))
+    assert plots.varying(results.summary) == []  # a CNN's empty hidden_sizes is no setting of its own
+    fig = plots.plot_models(results.summary)
+    titles = {ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()}
+    assert titles == {"mnist · relu · label_flip"}
+    for _, container in errorbars(fig):
+        model = container.get_label()
+        line = results.summary[(results.summary["model_type"] == model) & (results.summary["noise_type"] == "label_flip")]
+        assert sorted(container.lines[0].get_ydata()) in (sorted(line["test_accuracy_mean"]),
+                                                          sorted(line["test_loss_mean"]))
+    assert {c.get_label() for _, c in errorbars(fig)} == {"mlp", "cnn"}
+    table = plots.model_table(results.summary)
+    assert list(table.columns) == ["cnn", "mlp"] and len(table) == len(LABEL_PS)
+    assert plots.plot_models(rs.read_results(campaign(tmp_path / "one", grid_records(("relu",)))).summary) is None
+
+
+def test_remedy_table_puts_each_loss_and_early_stopping_beside_plain_ce(tmp_path):
+    records = (grid_records(("relu",), ("label_flip",)) + grid_records(("relu",), ("label_flip",), loss="gce")
+               + grid_records(("relu",), ("label_flip",), validation_fraction=0.1))
+    results = rs.read_results(campaign(tmp_path, records))
+    table = plots.remedy_table(results.runs)
+    assert list(table.columns) == ["early stopping", "gce"]
+    assert table.index.names == ["noise_type", "p", "epochs"] and len(table) == len(LABEL_PS)
+    gce = rs.loss_effects(results.runs).set_index("p").loc[0.5]
+    mean, low, high = (100 * gce[f"minus_ce_test_accuracy_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
+    assert table.loc[("label_flip", 0.5, EPOCHS), "gce"] == f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+    assert "no remedy" in plots.remedy_table(rs.read_results(campaign(tmp_path / "ce", grid_records())).runs).columns[0]
