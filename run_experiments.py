@@ -206,7 +206,6 @@ RULES = {
        for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
     **{name: (lambda v: isinstance(v, str) and v.strip(), "a non-empty path") for name in ("output_dir", "data_dir")},
 }
-LIST_NAMES = ("ps", "extra_label_ps")  # lists that are not axes of their own
 
 
 def config_errors(config: dict) -> list[str]:
@@ -214,12 +213,12 @@ def config_errors(config: dict) -> list[str]:
     errors = []
     for name, (check, allowed) in RULES.items():
         allowed = allowed() if callable(allowed) else allowed
-        values = axis_values(config, name) if name in AXES or name in LIST_NAMES else [config[name]]
-        if not values and name != "extra_label_ps":
+        values = axis_values(config, name) if name in AXES or name == "extra_label_ps" else [config[name]]
+        if not values and name != "extra_label_ps":  # a list that is no axis of its own, and may be empty
             errors.append(f"{name} is empty; give at least one value: {allowed}")
         errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
         errors += [f"{name}: {v} appears more than once; give each value once"
-                   for v in dict.fromkeys(map(repr, values)) if list(map(repr, values)).count(v) > 1]
+                   for v, n in Counter(map(repr, values)).items() if n > 1]
     errors = errors or loss_settings_errors(config)
     if errors:  # the checks below build on valid values
         return errors
@@ -328,7 +327,6 @@ def run_key(cfg: registry.TrainConfig) -> str:
 
 
 def noise_ps(noise_type: str, config: dict) -> list[float]:
-    """The noise levels of a noise type: ps, and extra_label_ps for label noise."""
     label_noise = registry.NOISE_TYPES[noise_type].kind == "label"
     return sorted({float(p) for p in config["ps"] + (config["extra_label_ps"] if label_noise else [])})
 
@@ -445,12 +443,11 @@ def execute(specs: deque[RunSpec] | list[RunSpec], config: dict):
 
 # ---------------------------------------------------------------- the campaign
 def git_commit() -> str | None:
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return out.stdout.strip() or None
+    return None
 
 
 def machine() -> dict:
@@ -544,7 +541,6 @@ class Campaign:
         return more
 
     def say(self, message: str, error: bool = False) -> None:
-        """Print a line, and append it with a timestamp to OUTPUT_DIR/campaign.log."""
         stream = sys.stderr if error else sys.stdout
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message, file=stream)
@@ -630,10 +626,9 @@ def not_identifiable_note(specs: list[RunSpec]) -> str:
     points = {(s.config.noise_type, s.config.p, s.config.noise_matrix): s.config for s in specs
               if s.config.loss == "forward"}
     singular = sorted({f"{t} p={p:g}" for (t, p, _), cfg in points.items() if nm.forward_correction_problem(cfg)})
-    if not singular:
-        return ""
     return (f"note: forward correction is not identifiable at {', '.join(singular)} (T singular or condition number "
-            f"above {nm.MAX_CONDITION:g}); those runs are recorded as not_identifiable and not trained.")
+            f"above {nm.MAX_CONDITION:g}); those runs are recorded as not_identifiable and not trained."
+            if singular else "")
 
 
 def run_campaign(config: dict, fresh: bool = False) -> int:
@@ -780,9 +775,10 @@ def grid_factors(config: dict) -> str:
     axes = [f"{len(axis_values(config, name))} {name}" for name in TRAINING_AXES if len(axis_values(config, name)) > 1]
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
-    reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each" if len(epochs) > 1 else ""
-    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)", f"{len(points)} noise points{clean}",
-                        f"{config['repeats']} repeats"]) + reported)
+    reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each"
+    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)",
+                        f"{len(points)} noise points{clean}", f"{config['repeats']} repeats"])
+            + (reported if len(epochs) > 1 else ""))
 
 
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
