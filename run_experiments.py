@@ -104,10 +104,9 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------- command line
 # The run settings that may be grid axes (a list of values), with the TrainConfig field each one sets.
 AXES = {"datasets": "dataset", "model_types": "model_type", "activations": "activation", "noise_types": "noise_type",
-        "ps": "p", "losses": "loss", "optimizer": "optimizer", "learning_rate": "learning_rate",
-        "weight_decay": "weight_decay", "batch_size": "batch_size", "epochs": "epochs", "normalize": "normalize",
-        "precision": "precision", "validation_fraction": "validation_fraction", "hidden_sizes": "hidden_sizes",
-        "max_train_samples": "max_train_samples"}
+        "ps": "p", "losses": "loss", **{name: name for name in (
+            "optimizer", "learning_rate", "weight_decay", "batch_size", "epochs", "normalize", "precision",
+            "validation_fraction", "hidden_sizes", "max_train_samples")}}
 TEXT_NAMES = {"noise_matrix", "dask_scheduler"}  # taken as text though their default is None
 WORDS = {"none": None, "null": None, "true": True, "yes": True, "false": False, "no": False}
 
