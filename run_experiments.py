@@ -104,10 +104,9 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------- command line
 # The run settings that may be grid axes (a list of values), with the TrainConfig field each one sets.
 AXES = {"datasets": "dataset", "model_types": "model_type", "activations": "activation", "noise_types": "noise_type",
-        "ps": "p", "losses": "loss", "optimizer": "optimizer", "learning_rate": "learning_rate",
-        "weight_decay": "weight_decay", "batch_size": "batch_size", "epochs": "epochs", "normalize": "normalize",
-        "precision": "precision", "validation_fraction": "validation_fraction", "hidden_sizes": "hidden_sizes",
-        "max_train_samples": "max_train_samples"}
+        "ps": "p", "losses": "loss", **{name: name for name in (
+            "optimizer", "learning_rate", "weight_decay", "batch_size", "epochs", "normalize", "precision",
+            "validation_fraction", "hidden_sizes", "max_train_samples")}}
 TEXT_NAMES = {"noise_matrix", "dask_scheduler"}  # taken as text though their default is None
 WORDS = {"none": None, "null": None, "true": True, "yes": True, "false": False, "no": False}
 
@@ -118,10 +117,8 @@ def literal(text: str):
     if text.lower() in WORDS:
         return WORDS[text.lower()]
     for parse in (ast.literal_eval, json.loads):
-        try:
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            pass
     return text
 
 
@@ -130,9 +127,7 @@ def parse_value(name: str, text: str, default):
     grid axis or a list a comma-separated list of them, or a bracketed list (hidden_sizes '[[256,128],[64]]')."""
     if name in TEXT_NAMES or isinstance(default, str) and name not in AXES:
         return text
-    if name not in AXES and not isinstance(default, list):
-        return literal(text)
-    if text.strip().startswith("["):
+    if name not in AXES and not isinstance(default, list) or text.strip().startswith("["):
         return literal(text)
     items = [literal(item) for item in text.split(",") if item.strip()]
     one_value = name != "hidden_sizes" and not isinstance(default, list) and len(items) == 1
@@ -177,12 +172,10 @@ def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 # ---------------------------------------------------------------- validation
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def one_of(options) -> tuple:
-    return (lambda v: v in options, f"one of: {', '.join(options)}")
+    """(check, allowed) of a choice; `options` may be a function: the options registered when checked."""
+    current = options if callable(options) else lambda: options
+    return (lambda v: v in current(), lambda: f"one of: {', '.join(current())}")
 
 
 def integer_at_least_1(v) -> bool:
@@ -192,44 +185,41 @@ def integer_at_least_1(v) -> bool:
 # name: (check of one value, what is allowed); a grid axis's check applies to each of its values
 RULES = {
     "datasets": one_of(registry.DATASETS), "model_types": one_of(registry.MODEL_TYPES),
-    "activations": one_of(registry.ACTIVATIONS), "noise_types": (lambda v: v in registry.noisy_types(), lambda: f"one of: {', '.join(registry.noisy_types())}"),
+    "activations": one_of(registry.ACTIVATIONS), "noise_types": one_of(registry.noisy_types),
     "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
     "precision": one_of(registry.PRECISIONS), "executor": one_of(tuple(executors.EXECUTORS)),
     "precision_rule": one_of(rs.PRECISION_RULES),
-    **{name: (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in ("ps", "extra_label_ps")},
+    **{name: (lambda v: rs.is_number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in ("ps", "extra_label_ps")},
     **{name: (integer_at_least_1, "an integer >= 1")
        for name in ("repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts", "max_repeats")},
-    "target_ci95": (lambda v: v is None or is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
+    "target_ci95": (lambda v: v is None or rs.is_number(v) and 0 < v < 1, "a number in (0, 1) or None"),
     "max_workers": (lambda v: v is None or integer_at_least_1(v), "an integer >= 1 or None"),
     "max_train_samples": (lambda v: v is None or integer_at_least_1(v), "an integer >= 1 or None"),
     "seed": (lambda v: type(v) is int, "an integer"),
-    "learning_rate": (lambda v: is_number(v) and v > 0, "a number > 0"),
-    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    "validation_fraction": (lambda v: is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "learning_rate": (lambda v: rs.is_number(v) and 0 < v <= sys.float_info.max, "a number > 0"),
+    "weight_decay": (lambda v: rs.is_number(v) and 0 <= v <= sys.float_info.max, "a number >= 0"),
+    "validation_fraction": (lambda v: rs.is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "hidden_sizes": (lambda v: isinstance(v, list) and all(integer_at_least_1(h) for h in v),
                      "a list of integers >= 1 (a list of such lists for several)"),
     **{name: (lambda v: isinstance(v, bool), "true or false")
        for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
     **{name: (lambda v: isinstance(v, str) and v.strip(), "a non-empty path") for name in ("output_dir", "data_dir")},
 }
-LIST_NAMES = ("ps", "extra_label_ps")  # lists that are not axes of their own
 
 
 def config_errors(config: dict) -> list[str]:
     """Every problem with the config's values, each naming the bad value and what is allowed."""
     errors = []
     for name, (check, allowed) in RULES.items():
-        allowed = allowed() if callable(allowed) else allowed  # the noise types registered now
-        values = axis_values(config, name) if name in AXES or name in LIST_NAMES else [config[name]]
-        if not values and name != "extra_label_ps":
+        allowed = allowed() if callable(allowed) else allowed
+        values = axis_values(config, name) if name in AXES or name == "extra_label_ps" else [config[name]]
+        if not values and name != "extra_label_ps":  # a list that is no axis of its own, and may be empty
             errors.append(f"{name} is empty; give at least one value: {allowed}")
         errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
         errors += [f"{name}: {v} appears more than once; give each value once"
-                   for v in dict.fromkeys(map(repr, values)) if list(map(repr, values)).count(v) > 1]
+                   for v, n in Counter(map(repr, values)).items() if n > 1]
+    errors = errors or loss_settings_errors(config)
     if errors:  # the checks below build on valid values
-        return errors
-    errors += loss_settings_errors(config)
-    if errors:
         return errors
     if config["target_ci95"] is not None and not 3 <= config["repeats"] <= config["max_repeats"]:
         errors.append(f"repeats: {config['repeats']} must be at least 3 and at most max_repeats "
@@ -257,24 +247,24 @@ def placement_errors(config: dict) -> list[str]:
 def validate(config: dict) -> None:
     """Raise ConfigError listing every problem, before anything runs or is written."""
     errors = config_errors(config)
-    if not errors and grid_size(config) > MAX_GRID_SIZE:
-        errors.append(f"the grid has {grid_size(config):,} runs, more than {MAX_GRID_SIZE:,}; "
-                      "fewer ps, repeats or other factors")
+    if not errors and (size := grid_size(config)) > MAX_GRID_SIZE:
+        errors.append(f"the grid has {size:,} runs, more than {MAX_GRID_SIZE:,}; fewer ps, repeats or other factors")
     if not errors:
         errors += output_dir_errors(config["output_dir"])
-        # the data files decode and hold enough examples (decoded once: the forked workers share this copy)
-        for dataset in axis_values(config, "datasets") if config["executor"] == "local" else []:  # Dask: the workers' own
+        # the data files decode and hold enough examples (decoded once: the forked workers share this copy; with
+        # Dask, the workers check their own)
+        samples = axis_values(config, "max_train_samples")
+        for dataset in axis_values(config, "datasets") if config["executor"] == "local" else []:
             try:
                 n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
             except (nm.DataNotFoundError, nm.DataFileError) as exc:
                 errors.append(f"data_dir: {exc}")
                 continue
             errors += [f"max_train_samples: {n} is more than the {n_train} training examples of {dataset}; give at "
-                       f"most {n_train}, or None for all" for n in axis_values(config, "max_train_samples")
-                       if (n or 0) > n_train]
+                       f"most {n_train}, or None for all" for n in samples if (n or 0) > n_train]
             errors += [f"validation_fraction: {f} of {n or n_train} training examples holds out none; give at least "
                        f"{1 / (n or n_train):.2g}, or 0 for no validation split"
-                       for f in axis_values(config, "validation_fraction") for n in axis_values(config, "max_train_samples")
+                       for f in axis_values(config, "validation_fraction") for n in samples
                        if f > 0 and round(f * min(n or n_train, n_train)) == 0]
     if errors:
         raise ConfigError(errors)
@@ -336,7 +326,6 @@ def run_key(cfg: registry.TrainConfig) -> str:
 
 
 def noise_ps(noise_type: str, config: dict) -> list[float]:
-    """The noise levels of a noise type: ps, and extra_label_ps for label noise."""
     label_noise = registry.NOISE_TYPES[noise_type].kind == "label"
     return sorted({float(p) for p in config["ps"] + (config["extra_label_ps"] if label_noise else [])})
 
@@ -381,15 +370,12 @@ def build_grid(config: dict) -> list[RunSpec]:
     for values in itertools.product(*(axis_values(config, name) for name in TRAINING_AXES)):
         setting = {AXES[name]: value for name, value in zip(TRAINING_AXES, values)}
         cnn = setting["model_type"] == "cnn"  # its widths are fixed: hidden_sizes would only change its run id
-        setting.update(hidden_sizes=() if cnn else tuple(setting["hidden_sizes"]),
-                       learning_rate=float(setting["learning_rate"]),
-                       weight_decay=float(setting["weight_decay"]),
-                       validation_fraction=float(setting["validation_fraction"]))
+        floats = {name: float(setting[name]) for name in ("learning_rate", "weight_decay", "validation_fraction")}
+        setting.update(hidden_sizes=() if cnn else tuple(setting["hidden_sizes"]), **floats)
         for (loss, loss_settings), (noise_type, p) in itertools.product(loss_variants(config), noise_points(config)):
             settings = tuple((name, float(value)) for name, value in loss_settings)
-            point = registry.TrainConfig(**setting, **shared, loss=loss, loss_settings=settings,
-                                         noise_type=noise_type, p=p,
-                                         noise_matrix=matrix if noise_type == "label_matrix" else None)
+            point = registry.TrainConfig(**setting, **shared, loss=loss, loss_settings=settings, noise_type=noise_type,
+                                         p=p, noise_matrix=matrix if noise_type == "label_matrix" else None)
             specs += [spec_for(point, repeat, config["seed"]) for repeat in range(config["repeats"])]
     return list({spec.run_id: spec for spec in specs}.values())  # a CNN's points at every hidden_sizes are one
 
@@ -456,12 +442,11 @@ def execute(specs: deque[RunSpec] | list[RunSpec], config: dict):
 
 # ---------------------------------------------------------------- the campaign
 def git_commit() -> str | None:
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return out.stdout.strip() or None
+    return None
 
 
 def machine() -> dict:
@@ -555,7 +540,6 @@ class Campaign:
         return more
 
     def say(self, message: str, error: bool = False) -> None:
-        """Print a line, and append it with a timestamp to OUTPUT_DIR/campaign.log."""
         stream = sys.stderr if error else sys.stdout
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message, file=stream)
@@ -641,10 +625,9 @@ def not_identifiable_note(specs: list[RunSpec]) -> str:
     points = {(s.config.noise_type, s.config.p, s.config.noise_matrix): s.config for s in specs
               if s.config.loss == "forward"}
     singular = sorted({f"{t} p={p:g}" for (t, p, _), cfg in points.items() if nm.forward_correction_problem(cfg)})
-    if not singular:
-        return ""
     return (f"note: forward correction is not identifiable at {', '.join(singular)} (T singular or condition number "
-            f"above {nm.MAX_CONDITION:g}); those runs are recorded as not_identifiable and not trained.")
+            f"above {nm.MAX_CONDITION:g}); those runs are recorded as not_identifiable and not trained."
+            if singular else "")
 
 
 def run_campaign(config: dict, fresh: bool = False) -> int:
@@ -791,9 +774,10 @@ def grid_factors(config: dict) -> str:
     axes = [f"{len(axis_values(config, name))} {name}" for name in TRAINING_AXES if len(axis_values(config, name)) > 1]
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
-    reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each" if len(epochs) > 1 else ""
-    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)", f"{len(points)} noise points{clean}",
-                        f"{config['repeats']} repeats"]) + reported)
+    reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each"
+    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)",
+                        f"{len(points)} noise points{clean}", f"{config['repeats']} repeats"])
+            + (reported if len(epochs) > 1 else ""))
 
 
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
