@@ -2,8 +2,7 @@
 
 Each executor (EXECUTORS, by the config's name) takes items with `submit`, also while its `as_completed()` is
 being iterated, and yields `(item, outcome)` in completion order; `outcome` is `fn(item)`'s return value, or the
-exception it raised, or `WorkerDied` when the item killed its worker process every time it ran. A run that takes
-far longer than the slowest finished one is stalled: a warning names it and its worker (docs/cluster.md)."""
+exception it raised, or `WorkerDied` when the item killed its worker process every time it ran (docs/cluster.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,14 +55,14 @@ def max_local_workers() -> int:
 
 class Executor:
     """Runs `fn` over the submitted items; each backend adds `config_errors(config)`, `from_config(fn, config,
-    modules, describe=...)` and `as_completed()`, and is listed in EXECUTORS. A run is stalled once it has taken
-    `stalled_run_factor` times as long as the slowest finished one, and at least `min_stall_seconds` (before any
-    has finished: the factor times FIRST_RUN_GUESS); `describe(item)` names it in the warning."""
+    modules, describe=..., kind=...)` and `as_completed()`. A run is stalled once it has taken `stalled_run_factor`
+    times as long as the slowest finished run of its `kind(item)`, and at least `min_stall_seconds` (before any has
+    finished: the factor times FIRST_RUN_GUESS); a warning names it by `describe(item)`, and its worker."""
 
     def __init__(self, fn, stalled_run_factor: float = 5, min_stall_seconds: float = 60, describe=repr,
                  kind=lambda item: None):
         self.fn, self.factor, self.min_stall, self.describe = fn, stalled_run_factor, min_stall_seconds, describe
-        self.kind = kind  # items of one kind take about as long: each is timed against its own kind
+        self.kind = kind  # items of one kind take about as long
         self.queue: deque = deque()
         self.slowest: dict = {}  # seconds of the slowest finished item, by kind
 
