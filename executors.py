@@ -130,9 +130,8 @@ class LocalExecutor(Executor):
 
     @classmethod
     def from_config(cls, fn, config: dict, modules=(), **stall):
-        return cls(fn, cls.workers_of(config), config["cpu_threads_per_worker"], config["pin_cpus"],
-                   config["use_cuda"], config["max_attempts"], stalled_run_factor=config["stalled_run_factor"],
-                   **stall)
+        return cls(fn, cls.workers_of(config), config["cpu_threads_per_worker"], config["pin_cpus"], config["use_cuda"],
+                   config["max_attempts"], stalled_run_factor=config["stalled_run_factor"], **stall)
 
     def charge(self, item) -> bool:
         """Count a death of `item`'s worker; True once it has had `max_attempts`."""
@@ -224,9 +223,8 @@ class LocalExecutor(Executor):
             seconds, key, pid = max((now - since, key, pid) for key, (pid, since) in running.items())
             if seconds <= self.stall_limit(items[key]):
                 return None
-            self.warn_stalled(items[key], seconds,
-                              f"worker process {pid}", "killing that worker; the run is tried again, up to "
-                              f"max_attempts = {self.max_attempts} times in all")
+            self.warn_stalled(items[key], seconds, f"worker process {pid}", "killing that worker; the run is tried "
+                              f"again, up to max_attempts = {self.max_attempts} times in all")
             pids = [pid]
         elif futures and quiet > max(map(self.stall_limit, items.values())):
             key, pids = "pool", list(pool._processes)
