@@ -346,8 +346,7 @@ class DaskExecutor(Executor):
                     future = client.submit(self.fn, item, pure=False, retries=self.retries)
                     pending[future] = item
                     outcomes.add(future)
-                future = self._next_finished(outcomes, client, pending)
-                if future is None:
+                if (future := self._next_finished(outcomes, client, pending)) is None:
                     return
                 try:
                     outcome = future.result()
