@@ -2,8 +2,7 @@
 
 Each executor (EXECUTORS, by the config's name) takes items with `submit`, also while its `as_completed()` is
 being iterated, and yields `(item, outcome)` in completion order; `outcome` is `fn(item)`'s return value, or the
-exception it raised, or `WorkerDied` when the item killed its worker process every time it ran. A run that takes
-far longer than the slowest finished one is stalled: a warning names it and its worker (docs/cluster.md)."""
+exception it raised, or `WorkerDied` when the item killed its worker process every time it ran (docs/cluster.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,14 +55,14 @@ def max_local_workers() -> int:
 
 class Executor:
     """Runs `fn` over the submitted items; each backend adds `config_errors(config)`, `from_config(fn, config,
-    modules, describe=...)` and `as_completed()`, and is listed in EXECUTORS. A run is stalled once it has taken
-    `stalled_run_factor` times as long as the slowest finished one, and at least `min_stall_seconds` (before any
-    has finished: the factor times FIRST_RUN_GUESS); `describe(item)` names it in the warning."""
+    modules, describe=..., kind=...)` and `as_completed()`. A run is stalled once it has taken `stalled_run_factor`
+    times as long as the slowest finished run of its `kind(item)`, and at least `min_stall_seconds` (before any has
+    finished: the factor times FIRST_RUN_GUESS); a warning names it by `describe(item)`, and its worker."""
 
     def __init__(self, fn, stalled_run_factor: float = 5, min_stall_seconds: float = 60, describe=repr,
                  kind=lambda item: None):
         self.fn, self.factor, self.min_stall, self.describe = fn, stalled_run_factor, min_stall_seconds, describe
-        self.kind = kind  # items of one kind take about as long: each is timed against its own kind
+        self.kind = kind  # items of one kind take about as long
         self.queue: deque = deque()
         self.slowest: dict = {}  # seconds of the slowest finished item, by kind
 
@@ -131,9 +130,8 @@ class LocalExecutor(Executor):
 
     @classmethod
     def from_config(cls, fn, config: dict, modules=(), **stall):
-        return cls(fn, cls.workers_of(config), config["cpu_threads_per_worker"], config["pin_cpus"],
-                   config["use_cuda"], config["max_attempts"], stalled_run_factor=config["stalled_run_factor"],
-                   **stall)
+        return cls(fn, cls.workers_of(config), config["cpu_threads_per_worker"], config["pin_cpus"], config["use_cuda"],
+                   config["max_attempts"], stalled_run_factor=config["stalled_run_factor"], **stall)
 
     def charge(self, item) -> bool:
         """Count a death of `item`'s worker; True once it has had `max_attempts`."""
@@ -225,9 +223,8 @@ class LocalExecutor(Executor):
             seconds, key, pid = max((now - since, key, pid) for key, (pid, since) in running.items())
             if seconds <= self.stall_limit(items[key]):
                 return None
-            self.warn_stalled(items[key], seconds,
-                              f"worker process {pid}", "killing that worker; the run is tried again, up to "
-                              f"max_attempts = {self.max_attempts} times in all")
+            self.warn_stalled(items[key], seconds, f"worker process {pid}", "killing that worker; the run is tried "
+                              f"again, up to max_attempts = {self.max_attempts} times in all")
             pids = [pid]
         elif futures and quiet > max(map(self.stall_limit, items.values())):
             key, pids = "pool", list(pool._processes)
@@ -349,8 +346,7 @@ class DaskExecutor(Executor):
                     future = client.submit(self.fn, item, pure=False, retries=self.retries)
                     pending[future] = item
                     outcomes.add(future)
-                future = self._next_finished(outcomes, client, pending)
-                if future is None:
+                if (future := self._next_finished(outcomes, client, pending)) is None:
                     return
                 try:
                     outcome = future.result()

@@ -38,10 +38,6 @@ def _log_p_label(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _log_probs(logits).gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
-def cross_entropy(transition):
-    return F.cross_entropy
-
-
 def forward_corrected(transition: torch.Tensor | None):
     """Cross-entropy of the noisy label under softmax(z) T (T[i, j] = P(noisy j | true i))."""
     _require(transition is not None, "forward correction needs the K x K transition matrix T, got None")
@@ -52,8 +48,7 @@ def forward_corrected(transition: torch.Tensor | None):
 
 
 def forward_with_estimate(transition: torch.Tensor | None, percentile: float, estimate_epochs: float):
-    """forward_corrected with the estimated T; percentile and estimate_epochs are read by the training loop, which
-    trains a first model for estimate_epochs with cross-entropy and estimates T from it (estimate_transition)."""
+    """forward_corrected with the estimated T, which the training loop estimates by these settings (docs/losses.md)."""
     _check_percentile(percentile)
     _require(estimate_epochs >= 1 and float(estimate_epochs).is_integer(),
              f"forward_estimated's estimate_epochs must be a whole number >= 1, got {estimate_epochs:g}")
@@ -96,12 +91,12 @@ def hard_bootstrap(transition, beta: float):
 
 
 LOSSES: dict[str, Loss] = {
-    "ce": Loss("cross-entropy with the given (noisy) labels", {}, cross_entropy),
+    "ce": Loss("cross-entropy with the given (noisy) labels", {}, lambda transition: F.cross_entropy),
     "forward": Loss("forward correction with the true T: -log (softmax(z) T)[y] (Patrini et al. 2017)", {},
                     forward_corrected, needs_label_noise=True),
     "forward_estimated": Loss("forward correction with T estimated from a first model trained on the noisy labels "
-                              "(Patrini et al. 2017)", {"percentile": 97.0, "estimate_epochs": 5.0}, forward_with_estimate,
-                              needs_label_noise=True),
+                              "(Patrini et al. 2017)", {"percentile": 97.0, "estimate_epochs": 5.0},
+                              forward_with_estimate, needs_label_noise=True),
     "gce": Loss("generalized cross-entropy (1 - p_y^q) / q (Zhang & Sabuncu 2018)", {"q": 0.7},
                 generalized_cross_entropy),
     "sce": Loss("symmetric cross-entropy alpha CE + beta reverse CE, log 0 := A (Wang et al. 2019)",
@@ -135,7 +130,7 @@ def loss_settings(name: str, settings: dict | None) -> dict[str, float]:
 def loss_function(name: str, settings: dict | None, transition: torch.Tensor | None) -> Callable:
     """fn(logits, labels) -> mean loss of the named loss; `transition` (float, on the logits' device) is
     used by the forward corrections only."""
-    resolved = loss_settings(name, settings)
+    resolved = loss_settings(name, settings)  # checks the name first
     return LOSSES[name].make(transition, **resolved)
 
 

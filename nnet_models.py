@@ -80,9 +80,9 @@ def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
 
 def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Path:
     """The directory of the dataset's IDX files, downloaded if missing and allowed, else DataNotFoundError."""
+    raw = Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw"  # where a download puts the files
     reason = "download not attempted"
     if find_raw_dir(dataset, data_dir) is None and download:
-        raw = Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw"
         created = next((d for d in (*reversed(raw.parents), raw) if not d.exists()), None)  # by the download
         try:
             from torchvision import datasets as tv_datasets
@@ -96,9 +96,8 @@ def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) ->
             shutil.rmtree(created, ignore_errors=True)
     found = find_raw_dir(dataset, data_dir)
     if found is None:
-        expected = (Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw").resolve()
         raise DataNotFoundError(f"{dataset} data not found under data_dir={str(data_dir)!r} ({reason}). "
-                                f"Put the four files {', '.join(IDX_FILES.values())} into {expected}/ "
+                                f"Put the four files {', '.join(IDX_FILES.values())} into {raw.resolve()}/ "
                                 f"or set data_dir to a directory that holds them directly.")
     return found
 
@@ -166,11 +165,8 @@ def corrupt_labels(labels: torch.Tensor, p: float, relabel: torch.Tensor,
     order = torch.randperm(n, generator=generator, device=device)
     new_labels = torch.multinomial(relabel.to(device)[labels[order]], 1, replacement=True, generator=generator)
     chosen = order[: round(p * n)]
-    noisy = labels.clone()
-    noisy[chosen] = new_labels[: len(chosen), 0]
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[chosen] = True
-    return noisy, mask
+    noisy = labels.index_put((chosen,), new_labels[: len(chosen), 0])
+    return noisy, torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, chosen, True)
 
 
 def pixel_intensity_cdf(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -278,6 +274,13 @@ class Optimizer:
                 lr=cfg.learning_rate, dampening=0.0, nesterov=False, maximize=False)
 
 
+def seeded_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Optimizer, torch.Generator]:
+    """The run's model with its seed's initial weights, its optimizer, and the generator of its batch order."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
+    return model, Optimizer(model, cfg), make_generator(cfg.seed, "data_order", device)
+
+
 class BatchSource:
     """Turns indices into batches: gather the uint8 images, add pixel noise, standardize."""
 
@@ -327,9 +330,7 @@ def estimated_transition(cfg: TrainConfig, run: RunData, device: torch.device) -
     """forward_estimated's first stage: a model trained with cross-entropy for estimate_epochs, whose softmax
     outputs on the training images give T by Patrini's anchor rule (docs/losses.md)."""
     settings = dict(cfg.loss_settings)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
-    optimizer, order_generator = Optimizer(model, cfg), make_generator(cfg.seed, "data_order", device)
+    model, optimizer, order_generator = seeded_model(cfg, device)
     for _ in range(int(settings["estimate_epochs"])):
         train_one_epoch(model, optimizer, run.source, run.labels, cfg.batch_size, order_generator, run.train_indices,
                         precision=cfg.precision)
@@ -361,7 +362,7 @@ class DivergedError(ArithmeticError):
 
 def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, order_generator,
                     indices: torch.Tensor | None = None, loss_fn=nn.functional.cross_entropy,
-                    precision: str = "float32") -> float:
+                    precision: str = "float32", epoch: int | None = None) -> float:
     """One pass over `indices` (default all) in random order: the mean float32 loss; DivergedError if not finite."""
     model.train()
     n = len(labels) if indices is None else len(indices)
@@ -375,7 +376,7 @@ def train_one_epoch(model, optimizer, source: BatchSource, labels, batch_size, o
             logits = model(source.batch(batch))
         loss = loss_fn(logits.float(), labels[batch])
         if not math.isfinite(batch_loss := loss.item()):
-            raise DivergedError(start // batch_size + 1, batch_loss)
+            raise DivergedError(start // batch_size + 1, batch_loss, epoch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -397,9 +398,7 @@ def fits_tiny_subset(cfg: TrainConfig, data: Dataset, n: int = 100, steps: int =
     torch.set_num_threads(max(1, cfg.cpu_threads))
     clean = TrainConfig(dataset=cfg.dataset, normalize=cfg.normalize, seed=cfg.seed)
     source, labels = BatchSource(clean, data.train_images[:n], torch.device("cpu")), data.train_labels[:n]
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes)
-    optimizer, order = Optimizer(model, cfg), make_generator(cfg.seed, "data_order")
+    model, optimizer, order = seeded_model(cfg, torch.device("cpu"))
     try:
         for _ in range(steps):
             loss = train_one_epoch(model, optimizer, source, labels, n, order)
@@ -475,19 +474,14 @@ def results_at(model: nn.Module, cfg: TrainConfig, run: RunData, history: dict[s
         best = int(np.argmin(history["validation_loss"]))
         results.update(selected_epoch=best + 1, selected_test_accuracy=history["test_accuracy"][best],
                        selected_test_loss=history["test_loss"][best])
-    probabilities = torch.softmax(test_logits.float().cpu(), 1)
-    return {**results, **noisy_test_metrics(model, cfg, run, results),
-            "reliability": calibration_bins(probabilities, run.test_labels.cpu())}
-
-
-def noisy_test_metrics(model: nn.Module, cfg: TrainConfig, run: RunData, clean: dict) -> dict:
-    """Accuracy and cross-entropy on test images with the training's pixel noise (without: the clean ones)."""
-    metrics = clean
+    noisy = results  # without pixel noise: the clean test
     if cfg.draws_pixel_noise:
-        noisy = BatchSource(cfg, run.test_source.images, run.test_labels.device, "test_noise", run.source.cdf)
+        source = BatchSource(cfg, run.test_source.images, run.test_labels.device, "test_noise", run.source.cdf)
         indices = torch.arange(len(run.test_labels), device=run.test_labels.device)
-        metrics = classification_metrics(predict(model, noisy, indices), run.test_labels)
-    return {"noisy_test_accuracy": metrics["test_accuracy"], "noisy_test_loss": metrics["test_loss"]}
+        noisy = classification_metrics(predict(model, source, indices), run.test_labels)
+    probabilities = torch.softmax(test_logits.float().cpu(), 1)
+    return {**results, "noisy_test_accuracy": noisy["test_accuracy"], "noisy_test_loss": noisy["test_loss"],
+            "reliability": calibration_bins(probabilities, run.test_labels.cpu())}
 
 
 def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
@@ -503,19 +497,12 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
     device = torch.device("cuda" if cfg.use_cuda else "cpu")
     run = prepare_run(cfg, data or load_dataset(cfg.dataset, cfg.data_dir), device)
     loss_fn, loss_fields = training_loss(cfg, run, device)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model_type, cfg.activation, cfg.hidden_sizes).to(device)
-    optimizer = Optimizer(model, cfg)
-    order_generator = make_generator(cfg.seed, "data_order", device)
+    model, optimizer, order_generator = seeded_model(cfg, device)
     history, reported, train_seconds = defaultdict(list), {}, 0.0
     for epoch in range(1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
-        try:
-            train_loss = train_one_epoch(model, optimizer, run.source, run.labels, cfg.batch_size,
-                                         order_generator, run.train_indices, loss_fn, cfg.precision)
-        except DivergedError as exc:
-            exc.epoch = epoch
-            raise
+        train_loss = train_one_epoch(model, optimizer, run.source, run.labels, cfg.batch_size, order_generator,
+                                     run.train_indices, loss_fn, cfg.precision, epoch)
         train_seconds += time.perf_counter() - epoch_started
         metrics, test_logits = evaluate_epoch(model, cfg, run, loss_fn)
         for name, value in {**metrics, "train_loss": train_loss}.items():
@@ -523,7 +510,6 @@ def train_and_evaluate(cfg: TrainConfig, data: Dataset | None = None) -> dict:
         if epoch in cfg.reported_epochs or epoch == cfg.epochs:
             reported[epoch] = {**results_at(model, cfg, run, history, test_logits), "train_seconds": train_seconds,
                                "seconds": time.perf_counter() - started}
-    final = reported.pop(cfg.epochs)
-    return {**asdict(cfg), **final, **loss_fields, "n_params": count_parameters(model),
+    return {**asdict(cfg), **reported.pop(cfg.epochs), **loss_fields, "n_params": count_parameters(model),
             **{f"history_{name}": values for name, values in history.items()},
             "reported": {str(epoch): results for epoch, results in reported.items()}}
