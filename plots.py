@@ -255,7 +255,8 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     paired difference in accuracy, loss minus ce run by run on the same seed."""
     if summary["loss"].nunique() < 2 or not (summary["loss"] == "ce").any():
         return None
-    frame = experiments(summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left"), apart=rs.LOSS_FIELDS).copy()
+    with_effects = summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left")
+    frame = experiments(with_effects, apart=rs.LOSS_FIELDS).copy()
     settings = frame["loss_settings"].fillna("")
     frame = frame.assign(variant=frame["loss"] + (" " + settings).where(settings != "", ""))
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
@@ -287,8 +288,9 @@ def plot_models(summary: pd.DataFrame) -> Figure | None:
         for i, (model, line) in enumerate(part.groupby("model_type")):
             errorbar_line(ax, line, metric, model, f"C{i}")
         theory(ax, part, metric)
-    panels = [[(f"{setting} · {activation} · {noise}", part, m) for (setting, activation, noise), part
-               in frame.groupby(["setting", "activation", "noise"], sort=False)] for m in ("test_accuracy", "test_loss")]
+    groups = frame.groupby(["setting", "activation", "noise"], sort=False)
+    panels = [[(f"{setting} · {activation} · {noise}", part, m) for (setting, activation, noise), part in groups]
+              for m in ("test_accuracy", "test_loss")]
     return grid(panels, draw, "Models under each noise type" + OVER_SEEDS)
 
 
@@ -369,7 +371,8 @@ def plot_reliability(reliability: pd.DataFrame) -> Figure | None:
         ax.set_xlim(0, 1)
     panels = [[(f"{setting} · {noise} · p = {p:g}", part[(part["noise"] == noise) & (part["p"] == p)],
                 "accuracy") for p in levels(noise, part.loc[part["noise"] == noise, "p"])]
-              for setting, part in frame.groupby("setting", sort=False) for noise in ordered(part["noise"], NOISE_ORDER)]
+              for setting, part in frame.groupby("setting", sort=False)
+              for noise in ordered(part["noise"], NOISE_ORDER)]
     title = "Reliability on the clean test set (final models; marker area: share of test images)"
     return grid(panels, draw, title, xlabel="confidence (max softmax)")
 
@@ -411,7 +414,8 @@ def overview_table(summary: pd.DataFrame) -> pd.DataFrame:
     """What the campaign ran: per dataset, model, noise type and loss, the activations, the number of noise
     levels, the epochs and the fewest seeds of any experiment."""
     return summary.groupby(["dataset", "model_type", "noise_type", "loss"]).agg(
-        activations=("activation", lambda a: ", ".join(ordered(a, registry.ACTIVATIONS))), noise_levels=("p", "nunique"),
+        activations=("activation", lambda a: ", ".join(ordered(a, registry.ACTIVATIONS))),
+        noise_levels=("p", "nunique"),
         epochs=("epochs", "max"), seeds_per_experiment=("n", "min"))
 
 
@@ -481,17 +485,19 @@ def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFr
     """What protects against label noise: each loss minus ce, and early stopping (a validation split's epoch of
     lowest noisy-validation loss) minus the last epoch without a split, paired on the same seeds: the mean
     difference of `metric` (accuracy in points) and its 95% interval, a column per remedy."""
-    losses, stopped = rs.loss_effects(runs), rs.early_stopping_effects(runs)
-    losses = losses[losses["validation_fraction"] == 0].assign(
-        remedy=losses["loss"] + (" " + losses["loss_settings"].fillna("")).where(losses["loss_settings"].notna(), ""),
-        effect=with_interval(losses, f"minus_ce_{metric}", 100 if metric in UNIT_RANGE else 1))
-    stopped = stopped.assign(remedy="early stopping" + (" (" + stopped["loss"] + ")").where(stopped["loss"] != "ce", ""),
-                             effect=with_interval(stopped, f"minus_last_epoch_{metric}", 100 if metric in UNIT_RANGE else 1))
+    scale = 100 if metric in UNIT_RANGE else 1
+    losses = rs.loss_effects(runs).query("validation_fraction == 0")
+    losses = losses.assign(remedy=(losses["loss"] + " " + losses["loss_settings"].fillna("")).str.strip(),
+                           effect=with_interval(losses, f"minus_ce_{metric}", scale))
+    stopped = rs.early_stopping_effects(runs)
+    stopped = stopped.assign(remedy=("early stopping (" + stopped["loss"] + ")").str.replace(" (ce)", ""),
+                             effect=with_interval(stopped, f"minus_last_epoch_{metric}", scale))
     both = pd.concat([losses, stopped], ignore_index=True)
     if both.empty:
         return pd.DataFrame({"no remedy with its plain twin on the same seeds in these results": []})
-    rows = [f for f in rs.GROUP_FIELDS if f in ("noise_type", "p", "epochs") or f in varying(both, OTHER_FIELDS)
-            and f not in [*rs.LOSS_FIELDS, "validation_fraction"]]
+    remedy_fields = [*rs.LOSS_FIELDS, "validation_fraction"]
+    rows = [f for f in rs.GROUP_FIELDS
+            if f in ("noise_type", "p", "epochs") or f in varying(both) and f not in remedy_fields]
     return both.pivot(index=rows, columns="remedy", values="effect").fillna("")
 
 
@@ -502,7 +508,8 @@ def transition_error_table(runs: pd.DataFrame) -> pd.DataFrame:
     estimated = estimated.drop_duplicates("run_id")  # the same estimate at every reported length
     true = [registry.transition_matrix(t, p, json.loads(m) if isinstance(m, str) else None)
             for t, p, m in zip(estimated["noise_type"], estimated["p"], estimated["noise_matrix"])]
-    bias = [np.mean(np.diag(json.loads(t_hat)) - np.diag(t)) for t_hat, t in zip(estimated["estimated_transition"], true)]
+    bias = [np.mean(np.diag(json.loads(t_hat)) - np.diag(t))
+            for t_hat, t in zip(estimated["estimated_transition"], true)]
     table = estimated.assign(diagonal_bias=bias).groupby(["noise_type", "p"])
     return table[["transition_error_mean", "transition_error_max", "diagonal_bias"]].mean().rename(columns={
         "transition_error_mean": "T error: mean", "transition_error_max": "T error: largest",

@@ -396,7 +396,8 @@ def read_results(output_dir: str | Path) -> Results:
     config = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])[["run_id", *GROUP_FIELDS]]
     longest = config[config["epochs"] == config.groupby("run_id")["epochs"].transform("max")]
     history = read_csv(output_dir / HISTORY_CSV).drop(columns=GROUP_FIELDS, errors="ignore").merge(longest, on="run_id")
-    reliability = (read_csv(output_dir / RELIABILITY_CSV).drop(columns=[f for f in GROUP_FIELDS if f != "epochs"], errors="ignore")
+    reliability = (read_csv(output_dir / RELIABILITY_CSV)
+                   .drop(columns=[f for f in GROUP_FIELDS if f != "epochs"], errors="ignore")
                    .merge(config, on=["run_id", "epochs"]))
     return Results(runs=runs, summary=read_csv(output_dir / SUMMARY_CSV),
                    curves=summarize(history, GROUP_FIELDS + ["epoch"], registry.per_epoch_metrics()),
