@@ -720,7 +720,7 @@ def test_smoke_campaign_end_to_end(smoke):
     assert sorted(per_run["run_id"]) == sorted(s.run_id for s in specs)
     assert (per_run["status"] == "ok").all() and (per_run["attempts"] == 1).all()
     assert per_run["error"].isna().all()
-    assert set(rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params"] + metrics) == set(per_run.columns)
+    assert set(rs.RUN_FIELDS + rs.CONFIG_FIELDS + ["n_params", "estimated_transition"] + metrics) == set(per_run.columns)
     assert sorted(ALWAYS_FINITE + MEMORISATION + SELECTED + NOISY_TEST + TRANSITION_ERROR) == sorted(metrics)
     assert (per_run["max_train_samples"] == 2000).all() and (per_run["epochs"] == 1).all()
     assert per_run["test_accuracy"].between(0.3, 1).all()  # 2000 samples, 1 epoch: clearly learned
