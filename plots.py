@@ -462,17 +462,6 @@ def memorisation_table(curves: pd.DataFrame) -> pd.DataFrame:
     return pd.concat({"at the highest test accuracy": best, "at the last epoch": last}, axis=1).sort_index().round(3)
 
 
-def loss_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each loss minus ce, paired run by run on the same seed: means and 95% confidence intervals."""
-    effects = rs.loss_effects(runs).set_index(EXPERIMENT + rs.LOSS_FIELDS)
-    if effects.empty:
-        return pd.DataFrame({"no losses other than ce with their ce twins in these results": []})
-    statistics = {"mean": "mean", "ci95_low": "CI low", "ci95_high": "CI high"}
-    parts = {f"{LABELS[m]}, loss − ce": effects[[f"minus_ce_{m}_{s}" for s in statistics]]
-             .set_axis(list(statistics.values()), axis=1) for m in rs.DELTA_METRICS}
-    return pd.concat({"": effects[["n"]].rename(columns={"n": "pairs"}), **parts}, axis=1).sort_index().round(3)
-
-
 def with_interval(table: pd.DataFrame, column: str, scale: float = 100, sign: str = "+") -> pd.Series:
     """`column`'s mean and 95% confidence interval as text, times `scale` (100: fractions in points)."""
     mean, low, high = (scale * table[f"{column}_{s}"] for s in ("mean", "ci95_low", "ci95_high"))

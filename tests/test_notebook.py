@@ -56,7 +56,7 @@ def test_notebook_draws_every_figure_with_data_into_the_campaign(tmp_path, monke
     assert skipped == [f"{plots.FIGURE_FILES[name]}: no data for it in {results_dir}; skipped\n"
                        for name in ("early_stopping", "models")]  # no validation split, one model type
     tables = [output for output in outputs if "text/html" in output.get("data", {})]
-    assert len(tables) == 18  # the runs not ok, the campaign overview and the sixteen tables
+    assert len(tables) == 19  # the runs not ok, the campaign overview and the seventeen tables
 
 
 @pytest.mark.slow
