@@ -263,12 +263,11 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
 
     def draw(ax, part, metric):
         ps = sorted(part["p"].unique())  # a loss without a run at some p gets a gap there
-        for variant in variants:
+        for i, variant in enumerate(variants):
             line = part[part["variant"] == variant].set_index("p").reindex(ps)
             present = line[f"{metric}_mean"].notna()
             for _, segment in line[present].groupby((~present).cumsum()[present]):
-                line_color = "black" if variant == "ce" else f"C{variants.index(variant) - 1}"
-                errorbar_line(ax, segment.reset_index(), metric, variant, line_color)
+                errorbar_line(ax, segment.reset_index(), metric, variant, "black" if variant == "ce" else f"C{i - 1}")
         theory(ax, part, metric)
     panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss", PAIRED_LOSS)]
               for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"], sort=False)
@@ -403,8 +402,8 @@ def select(results: rs.Results, **values) -> rs.Results:
 def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
     """The results at the `chosen` settings and, for each other setting that still varies (losses aside: the
     figures draw each), its first value; and the slice taken."""
-    summary = results.summary[results.summary["loss"] == "ce"] if (results.summary["loss"] == "ce").any() else \
-        results.summary
+    ce = results.summary[results.summary["loss"] == "ce"]
+    summary = ce if len(ce) else results.summary
     several = [f for f in varying(summary) if f not in rs.LOSS_FIELDS and f not in chosen]
     chosen = {**chosen, **{f: sorted(summary[f].dropna().unique())[0] for f in several}}
     return select(results, **chosen), chosen
@@ -479,8 +478,8 @@ def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFr
     losses = losses.assign(remedy=(losses["loss"] + " " + losses["loss_settings"].fillna("")).str.strip(),
                            effect=with_interval(losses, f"minus_ce_{metric}", scale))
     stopped = rs.early_stopping_effects(runs)
-    stopped = stopped.assign(remedy=("early stopping (" + stopped["loss"] + ")").str.replace(" (ce)", ""),
-                             effect=with_interval(stopped, f"minus_last_epoch_{metric}", scale))
+    named = ["early stopping" + ("" if loss == "ce" else f" ({loss})") for loss in stopped["loss"]]
+    stopped = stopped.assign(remedy=named, effect=with_interval(stopped, f"minus_last_epoch_{metric}", scale))
     both = pd.concat([losses, stopped], ignore_index=True)
     if both.empty:
         return pd.DataFrame({"no remedy with its plain twin on the same seeds in these results": []})
@@ -508,9 +507,9 @@ def transition_error_table(runs: pd.DataFrame) -> pd.DataFrame:
 def model_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Test accuracy (points) with its 95% interval at each noise level, a column per model type."""
     frame = uncorrected(summary)
-    accuracy = pd.concat([frame[NOISE_LEVEL + ["activation"]], with_interval(frame, "test_accuracy", sign="").rename(
-        "accuracy")], axis=1)
-    return accuracy.pivot(index=NOISE_LEVEL[2:] + ["activation"], columns="model_type", values="accuracy")
+    accuracy = with_interval(frame, "test_accuracy", sign="").rename("accuracy")
+    table = pd.concat([frame[NOISE_LEVEL + ["activation"]], accuracy], axis=1)
+    return table.pivot(index=NOISE_LEVEL[2:] + ["activation"], columns="model_type", values="accuracy")
 
 
 def paired_vs_unpaired_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -563,25 +562,9 @@ def drawn(name: str, results: rs.Results, file: str | None = None) -> list[tuple
     return [] if fig is None else [(file, fig)]
 
 
-def write_atomically(path: Path, write) -> Path:
-    """`write(tmp)` to a temporary path beside `path`, which then replaces `path`: a full disk or a signal never
-    leaves a truncated file in place of a good one. A storage error names `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        exc.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".")))
+    return rs.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".")))
 
 
 def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None, names=tuple(FIGURES)) -> list[Path]:
@@ -662,7 +645,7 @@ def write_report(output_dir: Path) -> Path:
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     run_interruptibly(client.async_execute())
     html = HTMLExporter().from_notebook_node(notebook)[0]
-    return write_atomically(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
+    return rs.atomic_write(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
 
 
 def main(argv=None) -> int:

@@ -79,6 +79,8 @@ NOISE_TYPES = {
                                  "pixels", "tab:orange", "pixel", replacement="empirical"),
     CLEAN: NoiseType("no noise: the p = 0 run, shared by every noise type", "black", "none"),
 }
+
+
 def noisy_types() -> tuple[str, ...]:
     """What a grid's noise_types may hold."""
     return tuple(name for name in NOISE_TYPES if name != CLEAN)

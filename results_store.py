@@ -44,18 +44,20 @@ STATUSES = ("ok", "failed", "diverged", "not_identifiable")
 RELIABILITY_FIELDS = ["count", "confidence", "accuracy"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a mix."""
+def atomic_write(path: Path, write) -> Path:
+    """`write(tmp)` to a temporary file beside `path`, synced, which then replaces `path`: readers see the old or the
+    new file, never a mix, and a full disk or a signal never leaves a truncated one. A storage error names `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: name it
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):  # name the file the user knows
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
@@ -63,6 +65,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def csv_value(value):
@@ -215,7 +222,7 @@ def summary_table(per_run: pd.DataFrame, target: Target | None = None) -> pd.Dat
     ok = with_clean_runs_per_noise_type(per_run[per_run["status"] == "ok"])
     metrics = list(registry.METRICS) + [f"delta_{m}" for m in DELTA_METRICS]
     summary = summarize(with_paired_deltas(ok), GROUP_FIELDS, metrics)
-    summary = summary if target is None else with_two_stage_intervals(summary, ok, target)
+    summary = summary if target is None else with_target_intervals(summary, ok, target)
     # A t interval of a fraction can reach past 0 or 1 (few runs, a mean near the bound): clipped to [0, 1].
     for metric in set(registry.METRICS) - registry.unbounded_metrics():
         summary[f"{metric}_ci95_low"] = summary[f"{metric}_ci95_low"].clip(lower=0.0)
@@ -338,7 +345,7 @@ class Target:
         return t_times_std(ok) / math.sqrt(len(ok)), False
 
 
-def with_two_stage_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
+def with_target_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
     """The summary with test accuracy's interval from `target`'s rule, and `target_met`. A repeat that has no ok
     run, before a point's last ok one, counts as a run that did not end ok."""
     in_order = ok.groupby(GROUP_FIELDS, dropna=False, sort=True)[["repeat", "test_accuracy"]].apply(
@@ -362,10 +369,10 @@ def history_table(records: list[dict]) -> pd.DataFrame:
 
 def reliability_table(records: list[dict]) -> pd.DataFrame:
     """Reliability-diagram bins of every run's model on the clean test set after each reported length, long form."""
-    fields = RELIABILITY_FIELDS
-    rows = [{**{k: record[k] for k in RUN_KEYS}, "bin": b, **{f: record["reliability"][f][b] for f in fields}}
+    rows = [{**{k: record[k] for k in RUN_KEYS}, "bin": b,
+             **{f: record["reliability"][f][b] for f in RELIABILITY_FIELDS}}
             for record in by_length(records) if record["status"] == "ok" for b in range(ECE_BINS)]
-    return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + fields)
+    return pd.DataFrame(rows, columns=RUN_KEYS + ["bin"] + RELIABILITY_FIELDS)
 
 
 def write_csvs(records: list[dict], output_dir: str | Path, target: Target | None = None) -> list[Path]:
@@ -408,11 +415,20 @@ def read_csv(path: Path) -> pd.DataFrame:
     """A CSV of this module, run ids read as text so that every table agrees on their type."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
-    if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # written whole, a CSV ends with one
+    if not ends_with_newline(path):  # written whole, a CSV ends with one
         warnings.warn(f"{path} ends in the middle of a line: it is truncated. Rewrite it from the stored runs "
-                          "with the campaign's command (it runs nothing that is done)")
+                      "with the campaign's command (it runs nothing that is done)")
     return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str,
                                    "estimated_transition": str})
+
+
+def ends_with_newline(path: Path) -> bool:
+    """Whether the file is empty or its last byte is a newline (read alone, not the whole file)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def pool_reliability(reliability: pd.DataFrame) -> pd.DataFrame:
