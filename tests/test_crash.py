@@ -97,12 +97,15 @@ class CampaignProcess:
             pytest.fail(f"campaign still running after {timeout} s:\n" + self.output())
 
     def group_alive(self) -> list[psutil.Process]:
+        """The group's processes that still hold resources: a zombie counts until its last thread has exited (a
+        process's main thread can be a zombie while its other threads still close its files, and its locks)."""
         alive = []
         for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) == self.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                if os.getpgid(proc.pid) == self.pid and (proc.status() != psutil.STATUS_ZOMBIE
+                                                         or len(os.listdir(f"/proc/{proc.pid}/task")) > 1):
                     alive.append(proc)
-            except (ProcessLookupError, psutil.Error):
+            except (OSError, psutil.Error):
                 pass
         return alive
 
