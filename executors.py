@@ -2,11 +2,10 @@
 
 Each executor (EXECUTORS, by the config's name) takes items with `submit`, also while its `as_completed()` is
 being iterated, and yields `(item, outcome)` in completion order; `outcome` is `fn(item)`'s return value, or the
-exception it raised, or `WorkerDied` when the item killed its worker process every time it ran (docs/cluster.md)."""
+exception it raised, or `WorkerDied` when the item killed its worker process on each of its tries (docs/cluster.md)."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import os
@@ -16,15 +15,12 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import CancelledError
+from multiprocessing import connection
 from pathlib import Path
 
-CRASHED = object()  # the outcome of an item that was running when a worker process died
-STALLED = object()  # the outcome of an item whose stalled worker process was killed
 FIRST_RUN_GUESS = 900  # seconds a run may take before any has finished, times stalled_run_factor
 MAX_LOCAL_WORKERS = 1024
-_started = None  # in a worker: the queue through which it announces each item it starts
 
 
 class WorkerDied(RuntimeError):
@@ -47,7 +43,8 @@ def usable_cpus() -> int:
 
 
 def max_local_workers() -> int:
-    """The most worker processes the OS limits hold: each is a process and takes two of the pool owner's files."""
+    """The most worker processes the OS limits hold: each is a process, and takes two of its owner's files (its
+    pipe and its sentinel)."""
     import resource
     limits = [resource.getrlimit(limit)[0] for limit in (resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE)]
     return min(MAX_LOCAL_WORKERS, *(limit // 4 for limit in limits if limit != resource.RLIM_INFINITY))
@@ -93,10 +90,10 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """`workers` processes of `threads` CPU threads, never more than there are items. A dead worker breaks the
-    pool: a new one reruns the items that were running one at a time, so that only an item that kills its worker
-    while running alone is charged: after `max_attempts` such deaths it gets `WorkerDied`. A stalled item's
-    worker is killed and the item run again, charged as for a death; the items beside it are not."""
+    """`workers` processes of `threads` CPU threads, started as items need them; each takes one item at a time
+    through a pipe of its own, so a worker's death is its item's alone. A dead worker is replaced and its item
+    charged: after `max_attempts` deaths the item gets `WorkerDied`, else it runs again. A stalled item's worker
+    is killed, which counts as a death; the items beside it run on."""
 
     def __init__(self, fn, workers: int, threads: int = 1, pin_cpus: bool = True, use_cuda: bool = False,
                  max_attempts: int = 3, **stall):
@@ -133,129 +130,84 @@ class LocalExecutor(Executor):
         return cls(fn, cls.workers_of(config), config["cpu_threads_per_worker"], config["pin_cpus"], config["use_cuda"],
                    config["max_attempts"], stalled_run_factor=config["stalled_run_factor"], **stall)
 
-    def charge(self, item) -> bool:
-        """Count a death of `item`'s worker; True once it has had `max_attempts`."""
-        self.deaths[id(item)] += 1
-        return self.deaths[id(item)] >= self.max_attempts
-
     def as_completed(self):
-        suspects: deque = deque()
-        while self.queue or suspects:
-            alone = deque([suspects.popleft()]) if suspects else None
-            in_flight = []
-            for item, outcome in self._pool_outcomes(alone or self.queue, 1 if alone else self.workers):
-                if outcome is CRASHED:
-                    in_flight.append(item)
-                elif outcome is STALLED and self.charge(item):
-                    yield item, WorkerDied(self.max_attempts)
-                elif outcome is STALLED:
-                    self.queue.appendleft(item)
-                else:
-                    yield item, outcome
-            if len(in_flight) == 1 and self.charge(in_flight[0]):
-                yield in_flight.pop(), WorkerDied(self.max_attempts)
-            suspects.extend(in_flight)
-
-    def _pool_outcomes(self, source: deque, workers: int):
-        """(item, outcome) of the items taken from `source` (appended ones too) on a fresh pool of at most
-        `workers`, given up once more items wait than it has workers and a wider one would do. If a worker dies:
-        (item, CRASHED) for each started, unfinished item; unstarted ones go back to `source`; the pool is given
-        up. If a stalled worker was killed: (item, STALLED) for its item, the others go back to `source`."""
-        width = min(workers, len(source))
-        pool, started = self._new_pool(width)
-        futures, lost, running, keys, stalled = {}, {}, {}, itertools.count(), None
-        quiet_since = time.monotonic()  # of the pool's last start or finish
-
-        def note_starts() -> None:
-            nonlocal quiet_since
-            while not started.empty():
-                key, pid = started.get()
-                quiet_since = time.monotonic()
-                running[key] = pid, quiet_since
-
-        def open_to_more() -> bool:
-            return bool(source) and not lost and (width == workers or len(futures) + len(source) <= width)
-
-        try:
-            while futures or open_to_more():
-                while open_to_more():
-                    key, item = next(keys), source.popleft()
-                    futures[pool.submit(_announce_and_call, key, self.fn, item)] = key, item
-                done, _ = wait(futures, timeout=1, return_when=FIRST_COMPLETED)
-                note_starts()
-                for future in done:
-                    key, item = futures.pop(future)
-                    if isinstance(future.exception(), BrokenProcessPool):  # then the rest fail at once too
-                        lost[key] = item
-                    else:
-                        quiet_since = time.monotonic()
-                        self.finished(item, quiet_since - running.pop(key)[1])
-                        yield item, future.exception() or future.result()
-                if stalled is None and not lost:
-                    stalled = self._kill_stalled(pool, futures, running, time.monotonic() - quiet_since)
-        except BaseException:
-            _stop(pool)
-            raise
-        pool.shutdown(wait=True)
-        note_starts()
-        for key, item in reversed(lost.items()):
-            if key == stalled:
-                yield item, STALLED
-            elif key in running and stalled is None:
-                yield item, CRASHED
-            else:
-                source.appendleft(item)
-
-    def _new_pool(self, width: int):
-        """A pool of `width` workers, and the queue through which each announces (key, pid) of the item it starts."""
         context = _start_method(self.threads, self.use_cuda, self.fn.__module__)
-        started = context.SimpleQueue()
-        slots = _cpu_slots(width, self.threads) if self.pin_cpus else None
-        return ProcessPoolExecutor(width, mp_context=context, initializer=_init_worker,
-                                   initargs=(os.getpid(), self.threads, slots, context.Value("i", 0), started)), started
+        cpus = _cpu_slots(self.workers, self.threads) if self.pin_cpus else None
+        workers, idle, busy = {}, [], {}  # slot: (process, pipe); idle slots; pipe: (slot, item, start) of busy ones
+        try:
+            while self.queue or busy:
+                while self.queue and len(busy) < self.workers:
+                    slot = idle.pop() if idle else min(set(range(self.workers)) - set(workers))
+                    workers[slot] = workers.get(slot) or _start_worker(context, self.fn, self.threads, cpus, slot)
+                    item, pipe = self.queue.popleft(), workers[slot][1]
+                    busy[pipe] = slot, item, time.monotonic()
+                    with contextlib.suppress(OSError):  # a worker that died while idle: its pipe reads as a death
+                        pipe.send(item)
+                for pipe in connection.wait(list(busy), timeout=1):
+                    slot, item, started = busy.pop(pipe)
+                    try:
+                        outcome = pipe.recv()
+                    except (EOFError, OSError):  # the worker died
+                        workers.pop(slot)[0].join()
+                        self.deaths[id(item)] += 1
+                        if self.deaths[id(item)] < self.max_attempts:
+                            self.queue.appendleft(item)
+                        else:
+                            yield item, WorkerDied(self.max_attempts)
+                        continue
+                    idle.append(slot)
+                    self.finished(item, time.monotonic() - started)
+                    yield item, outcome
+                self._kill_stalled(workers, busy)
+        finally:
+            _stop(workers)
 
-    def _kill_stalled(self, pool: ProcessPoolExecutor, futures: dict, running: dict, quiet: float):
-        """Kill the worker of the longest running run if it is stalled and return that run's key; or, if runs wait
-        but none has started or finished for as long, kill every worker and return "pool": a worker frozen while
-        it waits for a run holds the queue that the others take runs from. Else None."""
-        now, items = time.monotonic(), dict(futures.values())
-        if running:
-            seconds, key, pid = max((now - since, key, pid) for key, (pid, since) in running.items())
-            if seconds <= self.stall_limit(items[key]):
-                return None
-            self.warn_stalled(items[key], seconds, f"worker process {pid}", "killing that worker; the run is tried "
-                              f"again, up to max_attempts = {self.max_attempts} times in all")
-            pids = [pid]
-        elif futures and quiet > max(map(self.stall_limit, items.values())):
-            key, pids = "pool", list(pool._processes)
-            warnings.warn(f"no run has started or finished on the local workers for {quiet:.0f} s while "
-                          f"{len(futures)} wait: a worker looks stalled; restarting the workers (processes "
-                          f"{', '.join(map(str, pids))})")
-        else:
-            return None
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return key
+    def _kill_stalled(self, workers: dict, busy: dict) -> None:
+        """Kill the worker of each stalled item (its pipe then reads as a death), naming both."""
+        now = time.monotonic()
+        for slot, item, started in busy.values():
+            process = workers[slot][0]
+            if now - started > self.stall_limit(item) and process.is_alive():
+                self.warn_stalled(item, now - started, f"worker process {process.pid}", "killing that worker; the "
+                                  f"run is tried again, up to max_attempts = {self.max_attempts} times in all")
+                process.kill()
+                process.join()
 
 
-def _init_worker(owner: int, threads: int, slots: list[list[int]] | None, slot_counter, started) -> None:
-    global _started
-    _started = started
+def _start_worker(context, fn, threads: int, cpus: list[list[int]] | None, slot: int):
+    """A worker process for `slot` and the parent's end of its pipe."""
+    pipe, workers_end = context.Pipe()
+    process = context.Process(target=_serve, args=(workers_end, fn, os.getpid(), threads, cpus and cpus[slot]),
+                              daemon=True)
+    process.start()
+    workers_end.close()  # the worker's copy is then the only one: the pipe reads EOF once the worker is gone
+    return process, pipe
+
+
+def _serve(pipe, fn, owner: int, threads: int, cpus: list[int] | None) -> None:
+    """A worker: run `fn` on each item the pipe brings and send back its outcome, until the pipe closes."""
     _exit_when_gone(owner)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited by fork
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = str(threads)
-    if slots:
-        with slot_counter.get_lock():
-            slot = slots[slot_counter.value % len(slots)]
-            slot_counter.value += 1
-        os.sched_setaffinity(0, slot)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    with contextlib.suppress(EOFError):
+        while True:
+            item = pipe.recv()
+            try:
+                outcome = fn(item)
+            except Exception as exc:
+                outcome = exc
+            try:
+                pipe.send(outcome)
+            except Exception as exc:  # an outcome that cannot be pickled
+                pipe.send(RuntimeError(f"the outcome could not be sent back: {type(exc).__name__}: {exc}"))
 
 
 def _exit_when_gone(pid: int) -> None:
-    """End this worker within a second of process `pid` (the pool's owner) dying, even by kill -9.
+    """End this worker within a second of process `pid` (the executor's owner) dying, even by kill -9.
     A forked worker's parent is that process, but a forkserver's worker is the forkserver's child,
     and the forkserver only exits once its workers have: so the worker watches the owner itself."""
     import psutil
@@ -267,11 +219,6 @@ def _exit_when_gone(pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
-
-
-def _announce_and_call(key, fn, item):
-    _started.put((key, os.getpid()))
-    return fn(item)
 
 
 def _start_method(threads: int, use_cuda: bool, preload: str):
@@ -294,13 +241,14 @@ def _cpu_slots(workers: int, threads: int) -> list[list[int]] | None:
     return [cpus[i * threads : (i + 1) * threads] for i in range(workers)]
 
 
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued and end the worker processes now, without waiting for items."""
-    processes = list((pool._processes or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:  # gone on return: forked workers share the caller's open files (its lock)
+def _stop(workers: dict) -> None:
+    """End every worker process now, busy or idle; gone on return: forked workers share the caller's open files
+    (its lock)."""
+    for process, _ in workers.values():
         process.kill()
+    for process, pipe in workers.values():
         process.join()
+        pipe.close()
 
 
 class DaskExecutor(Executor):

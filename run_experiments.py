@@ -44,7 +44,7 @@ use_cuda = False                         # train on the GPU (needs max_workers =
 precision = "float32"                    # float32 | bfloat16 (mixed-precision training passes, docs/performance.md)
 data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files directly
 output_dir = "results/campaign"          # where runs, CSVs and figures go
-executor = "local"                       # local (process pool on this machine) | dask (docs/cluster.md)
+executor = "local"                       # local (worker processes on this machine) | dask (docs/cluster.md)
 dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
 stalled_run_factor = 5                   # a run this many times as slow as the slowest finished one of its kind is stalled: reported, locally rerun
 # =======================================================================================
@@ -60,7 +60,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-from collections import Counter, deque
+from collections import Counter
 import hashlib
 import itertools
 import json
@@ -415,29 +415,14 @@ def run_one(spec: RunSpec) -> dict:
     return run_record(spec, "ok", **result)
 
 
-def execute(specs: deque[RunSpec] | list[RunSpec], config: dict):
-    """(spec, outcome) of every run, as they finish, on the configured executor; runs appended to `specs` (a deque)
-    meanwhile are submitted too."""
+def executor_for(config: dict) -> executors.Executor:
+    """The configured executor of run_one, naming runs by their settings in its warnings."""
     modules = [Path(m.__file__) for m in (registry, metrics, sys.modules["losses"], nm, rs, executors,
                                           sys.modules[__name__])]
-    executor = executors.EXECUTORS[config["executor"]].from_config(
+    return executors.EXECUTORS[config["executor"]].from_config(
         run_one, config, modules, describe=lambda s: f"run {s.run_id} ({s.config.noise_type} p={s.config.p:g} "
                                                      f"r{s.repeat}, {s.config.model_type}/{s.config.activation})",
         kind=lambda s: dataclasses.replace(s.config, seed=0, p=0.0, noise_type=registry.CLEAN, noise_matrix=None))
-    queue = specs if isinstance(specs, deque) else deque(specs)
-
-    def submit_queued() -> None:
-        while queue:
-            executor.submit(queue.popleft())
-
-    submit_queued()
-    outcomes = executor.as_completed()
-    try:
-        for outcome in outcomes:
-            yield outcome
-            submit_queued()
-    finally:
-        outcomes.close()  # stops the workers at once
 
 
 # ---------------------------------------------------------------- the campaign
@@ -583,17 +568,20 @@ class Campaign:
         # a progress bar on a terminal; redirected output gets plain lines with an ETA only
         self.bar = tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not todo)
         previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
-        queue = deque(todo)
+        executor = executor_for(self.config)
+        for spec in todo:
+            executor.submit(spec)
         try:
-            for spec, outcome in execute(queue, self.config):
-                if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
-                    outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
-                elif isinstance(outcome, BaseException):
-                    outcome = run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
-                self.add(outcome)
-                more = self.more_repeats(dataclasses.replace(spec.config, seed=0))
-                queue.extend(more)  # run by the same workers, no pause between rounds
-                self.bar.total += len(more)
+            with contextlib.closing(executor.as_completed()) as outcomes:  # closing it stops the workers at once
+                for spec, outcome in outcomes:
+                    if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
+                        outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
+                    elif isinstance(outcome, BaseException):
+                        outcome = run_record(spec, "failed", f"executor: {type(outcome).__name__}: {outcome}")
+                    self.add(outcome)
+                    for more in self.more_repeats(dataclasses.replace(spec.config, seed=0)):
+                        executor.submit(more)  # run by the same workers, no pause between rounds
+                        self.bar.total += 1
         except KeyboardInterrupt:
             return "interrupted"
         except executors.SchedulerUnavailableError as exc:

@@ -239,20 +239,24 @@ def test_killed_worker_is_replaced_and_every_run_finishes(mnist_dir, reference, 
 def worker_dies(monkeypatch, tmp_path):
     """install(cell, ...): train_and_evaluate SIGKILLs its own worker process (as the OOM killer
     would) on the grid cell `cell` picks, every time or only the first time; optionally only
-    once the run `beside` picks has started (that one then runs until the pool is torn down)."""
+    once the run `beside` picks has started (that one runs on until a worker has died)."""
     real = nm.train_and_evaluate
     folder = tmp_path / "markers"
     folder.mkdir()
+
+    def wait_for(marker: str) -> None:
+        deadline = time.monotonic() + 60
+        while not (folder / marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def install(cell, always: bool = True, beside=None):
         def maybe_die(cfg, data=None):
             if beside is not None and beside(cfg) and not (folder / "beside-started").exists():
                 (folder / "beside-started").touch()
-                time.sleep(120)  # still running when its neighbour's worker dies
+                wait_for("died")  # still running when its neighbour's worker dies
             if cell(cfg) and (always or not (folder / "died").exists()):
-                deadline = time.monotonic() + 60
-                while beside is not None and not (folder / "beside-started").exists() and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                if beside is not None:
+                    wait_for("beside-started")
                 (folder / "died").touch()
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(cfg, data)
@@ -290,8 +294,8 @@ def test_a_run_that_kills_its_worker_every_time_is_failed_after_max_attempts(mni
 
 def test_only_the_run_that_kills_its_worker_is_charged_not_the_one_beside_it(mnist, mnist_dir, tmp_path,
                                                                               worker_dies, no_figures):
-    """Both runs were in flight when the worker died; each is rerun alone, and only the one that
-    still kills its worker there fails. The other finishes and is recorded as one attempt."""
+    """Both runs are in flight when the culprit's worker dies: only the culprit is charged and fails;
+    the other runs on and is recorded as one attempt."""
     out = tmp_path / "results"
     argv = tiny_argv(out, mnist_dir, "--max_attempts", "2")
     specs = rx.build_grid(rx.config_from_args(argv)[0])

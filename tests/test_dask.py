@@ -318,8 +318,10 @@ def test_killed_worker_runs_are_rescheduled(cluster, mnist, mnist_dir, tmp_path)
                                  "--seed", "2"))
     specs = rx.build_grid(config)
     assert len(specs) == 6
-    outcomes, in_flight = [], []
-    for spec, outcome in rx.execute(specs, config):
+    outcomes, in_flight, executor = [], [], rx.executor_for(config)
+    for spec in specs:
+        executor.submit(spec)
+    for spec, outcome in executor.as_completed():
         outcomes.append((spec, outcome))
         if len(outcomes) == 1:
             processing = cluster.client.processing()

@@ -71,14 +71,15 @@ def act(item):
     if what == "dies-beside-neighbour":  # dies once the neighbour is running too (or at once, later)
         wait_for(folder / "neighbour.starts")
         os.kill(os.getpid(), signal.SIGKILL)
-    if what == "neighbour" and first_time:  # still running when the other worker dies
-        time.sleep(120)
+    if what == "neighbour":  # still running when the worker beside it dies, and after
+        wait_for(folder / "culprit.starts", lines=2)
     return f"{name} done"
 
 
-def wait_for(path: Path, timeout: float = 60) -> None:
+def wait_for(path: Path, timeout: float = 60, lines: int = 0) -> None:
+    """Until `path` exists with at least `lines` lines."""
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while not (path.exists() and len(path.read_text().splitlines()) >= lines) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -99,16 +100,16 @@ def test_an_item_that_always_kills_its_worker_gets_worker_died_after_max_attempt
 
 
 def test_only_the_culprit_is_charged_for_deaths_not_the_item_running_beside_it(tmp_path):
-    """Both items were in flight when the worker died: each is rerun alone, and only the one
-    that still kills its worker there is charged, up to max_attempts."""
+    """The neighbour is running when the culprit's worker dies: it runs on undisturbed, and only the
+    culprit is charged, up to max_attempts."""
     folder = str(tmp_path)
     items = [("culprit", "dies-beside-neighbour", folder), ("neighbour", "neighbour", folder),
              *[(f"ok{i}", "returns", folder) for i in range(3)]]
     outcomes = outcomes_by_item(run_local(act, items, workers=2, max_attempts=3))
     culprit = outcomes.pop(items[0])
     assert isinstance(culprit, executors.WorkerDied) and culprit.attempts == 3
-    assert starts(tmp_path, "culprit") == 4  # beside the neighbour once, then alone 3 times
-    assert starts(tmp_path, "neighbour") == 2  # interrupted once, then finished alone
+    assert starts(tmp_path, "culprit") == 3
+    assert starts(tmp_path, "neighbour") == 1  # never interrupted, never rerun
     assert outcomes == {item: f"{item[0]} done" for item in items[1:]}
 
 
@@ -203,41 +204,33 @@ def test_a_run_that_freezes_every_time_gets_worker_died_after_max_attempts(tmp_p
     assert [pid for pid in pids if psutil.pid_exists(pid)] == []
 
 
-def waits_for_go(item):
-    """item = (name, folder): "a" and "b" run at once, on both workers; "b" returns once folder/go exists."""
+def pid_after_go(item):
+    """item = (name, folder): the worker's pid; "b" returns once folder/go exists."""
     name, folder = item
-    if name in ("a", "b"):
-        BARRIER.wait(timeout=60)
     if name == "b":
         wait_for(Path(folder) / "go")
     return os.getpid()
 
 
-def test_a_worker_frozen_while_it_waits_for_a_run_is_found_and_the_workers_restarted(tmp_path, thaw, monkeypatch):
-    """An idle worker holds the queue the others take runs from: frozen there, it stops every
-    worker. Once no run has started or finished for the stall limit, every worker is restarted."""
-    import multiprocessing
-
-    monkeypatch.setattr(sys.modules[__name__], "BARRIER", multiprocessing.get_context("fork").Barrier(2))
-    executor = executors.LocalExecutor(waits_for_go, 2, pin_cpus=False, min_stall_seconds=5)
+def test_a_run_sent_to_a_worker_frozen_while_idle_is_named_stalled_and_rerun_elsewhere(tmp_path, thaw):
+    """A worker frozen between runs: the next run it is sent stalls there, is named with the worker's
+    pid, and runs again on another worker once that one is killed."""
+    executor = executors.LocalExecutor(pid_after_go, 2, pin_cpus=False, min_stall_seconds=1)
     for name in ("a", "b"):
         executor.submit((name, str(tmp_path)))
     pids = {}
     with pytest.warns(UserWarning) as caught:
         for (name, _), pid in executor.as_completed():
             pids[name] = pid
-            if name == "a":
-                time.sleep(0.5)  # it is waiting for its next run now
+            if name == "a":  # while "b" runs on the other worker
                 os.kill(pid, signal.SIGSTOP)
                 (tmp_path / "idle.pid").write_text(str(pid))
-                (tmp_path / "go").touch()
-            if name == "b":
                 executor.submit(("c", str(tmp_path)))
-    assert sorted(pids) == ["a", "b", "c"] and pids["c"] not in (pids["a"], pids["b"])
-    [warning] = [str(w.message) for w in caught]
-    assert warning.startswith("no run has started or finished on the local workers for ")
-    assert f"while 1 wait: a worker looks stalled; restarting the workers (processes " in warning
-    assert str(pids["a"]) in warning and not psutil.pid_exists(pids["a"])
+                (tmp_path / "go").touch()
+    assert sorted(pids) == ["a", "b", "c"] and pids["c"] != pids["a"]
+    [warning] = stall_warnings(caught)
+    assert warning.startswith(f"{('c', str(tmp_path))!r} has run for ")
+    assert f" s on worker process {pids['a']} (" in warning and not psutil.pid_exists(pids["a"])
 
 
 # ---------------------------------------------------------------- how many workers
@@ -261,7 +254,7 @@ def test_no_more_workers_start_than_there_are_items_and_later_items_widen_the_po
         outcomes.append((item, outcome))
     sizes = outcomes_by_item(outcomes)
     assert sorted(sizes) == list(range(8))
-    assert {sizes[0], sizes[1]} == {2}  # not 4 processes for 2 items
+    assert max(sizes[0], sizes[1]) <= 2  # not 4 processes for 2 items
     assert max(sizes[item] for item in range(2, 8)) == 4
 
 
