@@ -138,17 +138,20 @@ class LocalExecutor(Executor):
             while self.queue or busy:
                 while self.queue and len(busy) < self.workers:
                     slot = idle.pop() if idle else min(set(range(self.workers)) - set(workers))
+                    if slot in workers and not workers[slot][0].is_alive():  # it died while idle: replaced
+                        workers.pop(slot)[1].close()
                     workers[slot] = workers.get(slot) or _start_worker(context, self.fn, self.threads, cpus, slot)
                     item, pipe = self.queue.popleft(), workers[slot][1]
                     busy[pipe] = slot, item, time.monotonic()
-                    with contextlib.suppress(OSError):  # a worker that died while idle: its pipe reads as a death
+                    with contextlib.suppress(OSError):  # a worker that dies now: its pipe reads as a death below
                         pipe.send(item)
                 for pipe in connection.wait(list(busy), timeout=1):
                     slot, item, started = busy.pop(pipe)
                     try:
                         outcome = pipe.recv()
                     except (EOFError, OSError):  # the worker died
-                        workers.pop(slot)[0].join()
+                        workers[slot][0].join()
+                        workers.pop(slot)[1].close()
                         self.deaths[id(item)] += 1
                         if self.deaths[id(item)] < self.max_attempts:
                             self.queue.appendleft(item)

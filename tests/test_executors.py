@@ -120,6 +120,24 @@ def test_an_item_whose_worker_died_once_finishes_when_rerun(tmp_path):
     assert starts(tmp_path, "flaky") == 2
 
 
+def pid_or_echo(item):
+    return os.getpid() if item == "pid" else item
+
+
+def test_a_worker_that_died_while_idle_is_replaced_without_charging_the_next_item():
+    executor = executors.LocalExecutor(pid_or_echo, workers=1, max_attempts=1)
+    executor.submit("pid")
+    outcomes = executor.as_completed()
+    _, worker = next(outcomes)
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 60  # until it is dead, its last thread too, and left for the executor to reap
+    while psutil.Process(worker).status() != psutil.STATUS_ZOMBIE or len(os.listdir(f"/proc/{worker}/task")) > 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    executor.submit("next")
+    assert list(outcomes) == [("next", "next")]
+
+
 def pid_then_block(item):
     index, folder = item
     if index == 0:
