@@ -139,7 +139,7 @@ class LocalExecutor(Executor):
                 while self.queue and len(busy) < self.workers:
                     slot = idle.pop() if idle else min(set(range(self.workers)) - set(workers))
                     if slot in workers and not workers[slot][0].is_alive():  # it died while idle: replaced
-                        workers.pop(slot)[1].close()
+                        _end(workers.pop(slot))
                     workers[slot] = workers.get(slot) or _start_worker(context, self.fn, self.threads, cpus, slot)
                     item, pipe = self.queue.popleft(), workers[slot][1]
                     busy[pipe] = slot, item, time.monotonic()
@@ -150,8 +150,7 @@ class LocalExecutor(Executor):
                     try:
                         outcome = pipe.recv()
                     except (EOFError, OSError):  # the worker died
-                        workers[slot][0].join()
-                        workers.pop(slot)[1].close()
+                        _end(workers.pop(slot))
                         self.deaths[id(item)] += 1
                         if self.deaths[id(item)] < self.max_attempts:
                             self.queue.appendleft(item)
@@ -249,9 +248,15 @@ def _stop(workers: dict) -> None:
     (its lock)."""
     for process, _ in workers.values():
         process.kill()
-    for process, pipe in workers.values():
-        process.join()
-        pipe.close()
+    for worker in workers.values():
+        _end(worker)
+
+
+def _end(worker) -> None:
+    """Reap a (process, pipe) worker that has exited or been killed, and close its pipe."""
+    process, pipe = worker
+    process.join()
+    pipe.close()
 
 
 class DaskExecutor(Executor):
