@@ -63,14 +63,6 @@ class Executor:
         self.queue: deque = deque()
         self.slowest: dict = {}  # seconds of the slowest finished item, by kind
 
-    @staticmethod
-    def config_errors(config: dict) -> list[str]:
-        """Each problem with the config's values for this executor, one line each."""
-        factor = config["stalled_run_factor"]
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 2 <= factor < float("inf"):
-            return [f"stalled_run_factor: {factor!r} is not a number >= 2"]
-        return []
-
     def submit(self, item) -> None:
         self.queue.append(item)
 
@@ -123,7 +115,7 @@ class LocalExecutor(Executor):
             import torch
             if not torch.cuda.is_available():
                 return ["use_cuda=True but torch sees no CUDA device; set use_cuda=False"]
-        return Executor.config_errors(config)
+        return []
 
     @classmethod
     def from_config(cls, fn, config: dict, modules=(), **stall):
@@ -279,7 +271,7 @@ class DaskExecutor(Executor):
         if not re.fullmatch(r"(tcp|tls)://[\w.\-\[\]:]+:\d+", str(config["dask_scheduler"])):
             return [f"dask_scheduler: {config['dask_scheduler']!r} is not a scheduler address like "
                     "tcp://HOST:8786 or tls://HOST:8786"]
-        return Executor.config_errors(config)
+        return []
 
     @classmethod
     def from_config(cls, fn, config: dict, modules=(), **stall):

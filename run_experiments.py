@@ -199,6 +199,7 @@ RULES = {
     "learning_rate": (lambda v: rs.is_number(v) and 0 < v <= sys.float_info.max, "a number > 0"),
     "weight_decay": (lambda v: rs.is_number(v) and 0 <= v <= sys.float_info.max, "a number >= 0"),
     "validation_fraction": (lambda v: rs.is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "stalled_run_factor": (lambda v: rs.is_number(v) and 2 <= v <= sys.float_info.max, "a number >= 2"),
     "hidden_sizes": (lambda v: isinstance(v, list) and all(integer_at_least_1(h) for h in v),
                      "a list of integers >= 1 (a list of such lists for several)"),
     **{name: (lambda v: isinstance(v, bool), "true or false")

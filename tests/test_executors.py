@@ -369,6 +369,6 @@ def test_stalled_run_factor_must_be_a_number_of_at_least_2(executor, factor):
     import run_experiments as rx
 
     config = {**rx.config_from_args([])[0], "executor": executor, "dask_scheduler": "tcp://10.0.0.5:8786"}
-    assert rx.placement_errors(config) == []
-    assert rx.placement_errors({**config, "stalled_run_factor": factor}) == \
+    assert rx.config_errors(config) == []
+    assert rx.config_errors({**config, "stalled_run_factor": factor}) == \
         [f"stalled_run_factor: {factor!r} is not a number >= 2"]
