@@ -259,7 +259,6 @@ def early_stopping_effects(runs: pd.DataFrame) -> pd.DataFrame:
     return paired_effects(stopped, ok[ok["validation_fraction"] == 0], ["validation_fraction"], "minus_last_epoch")
 
 
-PRECISION_RULES = ("sequential", "stein")
 # The sequential rule's stopping bound uses this t quantile instead of 97.5%: stopping where the spread is small by
 # chance would otherwise cover the mean too rarely. Chosen by simulation (docs/statistics.md).
 SEQUENTIAL_QUANTILE = 0.99
@@ -281,15 +280,12 @@ def t_times_std(values, quantile: float = 0.975) -> float:
 class Target:
     """Repeats per experiment for a 95% CI of mean test accuracy at most `half_width` wide on each side, from
     `first_stage` to `max_repeats` runs. The rule looks at a point's first n repeats (n = first_stage, then as many
-    as the last look planned) and stops or plans more, so a point's plan follows from its repeats in order alone.
-    sequential: stop once t * s / sqrt(n) <= half_width (t: the `quantile` t quantile), reporting mean +- half_width;
-    else plan the n at which s would give a plain 95% interval within the target (at least one more). stein
-    (two-stage): n = (t * s0 / half_width)^2 from the first stage's std s0, reporting mean +- t * s0 / sqrt(n)
-    (t: the 97.5% quantile at first_stage - 1 degrees of freedom). See docs/statistics.md."""
+    as the last look planned) and stops or plans more, so a point's plan follows from its repeats in order alone:
+    stop once t * s / sqrt(n) <= half_width (t: the `quantile` t quantile), reporting mean +- half_width; else plan
+    the n at which s would give a plain 95% interval within the target (at least one more). See docs/statistics.md."""
     half_width: float
     first_stage: int
     max_repeats: int
-    rule: str = "sequential"
     quantile: float = SEQUENTIAL_QUANTILE
 
     def repeats(self, values) -> int:
@@ -302,14 +298,12 @@ class Target:
 
     def next_look(self, values) -> int:
         """At a look at a point's first n repeats: n to stop there, else the repeats to look at next."""
-        if self.rule == "stein":
-            return max(len(values), self.stein_repeats(values[:self.first_stage]))
         if len(values) >= self.max_repeats or not self.bound(values) > self.half_width:  # NaN: no spread to go on
             return len(values)
         return max(len(values) + 1, self.implied_repeats(np.std(ok_values(values), ddof=1)))
 
     def bound(self, values) -> float:
-        """The sequential rule's half-width: the `quantile` t quantile * s / sqrt(n) of the ok values."""
+        """The rule's stopping half-width: the `quantile` t quantile * s / sqrt(n) of the ok values."""
         ok = ok_values(values)
         return t_times_std(ok, self.quantile) / math.sqrt(len(ok))
 
@@ -325,20 +319,11 @@ class Target:
         n = np.arange(2, self.max_repeats + 1)
         return stdtrit(n - 1, 0.975) / np.sqrt(n)
 
-    def stein_repeats(self, first_stage_values) -> int:
-        t_s0 = t_times_std(ok_values(first_stage_values))
-        if math.isnan(t_s0):
-            return self.first_stage
-        return int(min(self.max_repeats, max(self.first_stage, math.ceil((t_s0 / self.half_width) ** 2))))
-
     def interval(self, values) -> tuple[float, bool]:
         """(half-width of the reported 95% interval, whether it is within the target), from the test accuracies of
-        a point's repeats in order (NaN: not ok). sequential: half_width where the rule stopped within the target,
-        else the plain t interval of all ok values; stein: t * s0 / sqrt(n), n the ok values."""
+        a point's repeats in order (NaN: not ok): half_width where the rule stopped within the target, else the
+        plain t interval of all ok values."""
         ok = ok_values(values)
-        if self.rule == "stein":
-            half = t_times_std(ok_values(values[:self.first_stage])) / math.sqrt(len(ok))
-            return half, half <= self.half_width
         n = self.repeats(values)
         if n <= len(values) and self.bound(values[:n]) <= self.half_width:
             return self.half_width, True

@@ -24,7 +24,6 @@ extra_label_ps = [0.95, 1.0]             # further noise levels for the label no
 repeats = 5                              # runs per grid point; repeat r has the same seeds at every p (paired)
 target_ci95 = None                       # e.g. 0.005: repeats until the 95% CI of mean test accuracy is +-0.005 (repeats = the minimum, >= 3)
 max_repeats = 50                         # with target_ci95: the most repeats a grid point gets
-precision_rule = "sequential"            # with target_ci95: sequential (waves of runs until met) | stein (two stages)
 epochs = 10                              # training epochs per run; a list trains once, for the longest, and reports each
 batch_size = 128                         # training batch size
 optimizer = "adam"                       # adam | sgd (momentum 0.9)
@@ -188,7 +187,6 @@ RULES = {
     "activations": one_of(registry.ACTIVATIONS), "noise_types": one_of(registry.noisy_types),
     "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
     "precision": one_of(registry.PRECISIONS), "executor": one_of(tuple(executors.EXECUTORS)),
-    "precision_rule": one_of(rs.PRECISION_RULES),
     **{name: (lambda v: rs.is_number(v) and 0 <= v <= 1, "a number in [0, 1]") for name in ("ps", "extra_label_ps")},
     **{name: (integer_at_least_1, "an integer >= 1")
        for name in ("repeats", "epochs", "batch_size", "cpu_threads_per_worker", "max_attempts", "max_repeats")},
@@ -497,8 +495,8 @@ class Campaign:
         self.store = rs.RunStore(self.output_dir)
         self.records = self.store.load()
         self.recount()
-        self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"],
-                                 config["precision_rule"]) if config["target_ci95"] is not None else None)
+        self.target = (rs.Target(float(config["target_ci95"]), config["repeats"], config["max_repeats"])
+                       if config["target_ci95"] is not None else None)
         # repeats per grid point: the config's `repeats`, or as many as a precision target's rule has planned
         self.planned = {dataclasses.replace(spec.config, seed=0): config["repeats"] for spec in specs}
         for point in list(self.planned):  # a resumed campaign continues to its target
@@ -787,7 +785,7 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
           f"{workers * memory_mb / 1024:.1f} GB in all.")
     if config["target_ci95"] is not None:
         most = config["max_repeats"] / config["repeats"]
-        print(f"With target_ci95 = {config['target_ci95']} ({config['precision_rule']} rule): from {len(specs)} runs "
+        print(f"With target_ci95 = {config['target_ci95']}: from {len(specs)} runs "
               f"({duration(wall)}) if every grid point meets it at once, to {round(len(specs) * most)} runs "
               f"({duration(wall * most)}) if every one needs max_repeats.")
     if note := not_identifiable_note(specs):

@@ -11,10 +11,10 @@ the rule's campaign reports:
   - pilot: the same from the spreads a user could have guessed from a pilot of the same cost as
     the rule's first stage (first_stage runs per point, which the fixed design then reuses).
 CPU time is runs weighted by the point's mean seconds per run. It prints the median and the 5-95%
-range, over the bootstrap campaigns, of the ratio fixed / rule for the sequential rule and for
-Stein's two-stage rule, then the savings of two grid features by grid arithmetic: one clean
-(p = 0) run per seed shared by every noise type, and one run for a list of epochs (trained once
-for the longest), and the total. Run from the repository root (under a minute):
+range, over the bootstrap campaigns, of the ratio fixed / rule for the sequential rule and, for
+comparison, for Stein's two-stage rule (SteinTarget in coverage.py), then the savings of two grid
+features by grid arithmetic: one clean (p = 0) run per seed shared by every noise type, and one
+run for a list of epochs (trained once for the longest), and the total. Run from the repository root (under a minute):
     .venv/bin/python benchmarks/bench_repeats.py [--half_width 0.005] [--first_stage 5] [--campaigns 200]
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ from scipy.special import stdtrit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import results_store as rs  # noqa: E402
+from coverage import SteinTarget  # noqa: E402
 
 
 def fixed_repeats_for(std: float, half_width: float, most: int = 10_000) -> int:
@@ -83,8 +85,8 @@ def main() -> None:
           f"campaigns; target +-{args.half_width}, first stage {args.first_stage}, max_repeats {args.max_repeats}")
     rng = np.random.default_rng(0)
     totals = {}
-    for rule in rs.PRECISION_RULES:
-        target = rs.Target(args.half_width, args.first_stage, args.max_repeats, rule)
+    for rule, target_class in (("sequential", rs.Target), ("stein", SteinTarget)):
+        target = target_class(args.half_width, args.first_stage, args.max_repeats)
         campaigns = [bootstrap_campaign(points, target, rng) for _ in range(args.campaigns)]
         rule_cpu = np.array([c["repeats"] @ seconds for c in campaigns])
         oracle = np.array([fixed_repeats_for(stds.max(), c["worst"]) for c in campaigns])

@@ -103,7 +103,6 @@ CLI_SAMPLES = {  # name: (text on the command line, the value it gives)
     "repeats": ("7", 7),
     "target_ci95": ("0.005", 0.005),
     "max_repeats": ("20", 20),
-    "precision_rule": ("stein", "stein"),
     "epochs": ("3", 3),
     "batch_size": ("64", 64),
     "optimizer": ("sgd", "sgd"),

@@ -1,5 +1,4 @@
 """Paired differences from the clean baseline, and repeats chosen for a precision target."""
-import dataclasses
 import functools
 import itertools
 import math
@@ -30,7 +29,7 @@ def simulated(first_stage: int) -> dict:
     in real campaigns, for normal and strongly skewed draws (target +-0.005, max_repeats 50)."""
     rng = np.random.default_rng(first_stage)
     sequential = rs.Target(half_width=0.005, first_stage=first_stage, max_repeats=50)
-    stein = dataclasses.replace(sequential, rule="stein")
+    stein = coverage.SteinTarget(half_width=0.005, first_stage=first_stage, max_repeats=50)
     cells = {}
     for shape, std in itertools.product(LEVELS, coverage.STDS):
         draw = functools.partial(coverage.SHAPES[shape], rng, std)
@@ -59,7 +58,7 @@ def test_the_coverage_check_fails_rules_that_stop_too_early():
     soon as the plain 95% interval is within the target."""
     rng = np.random.default_rng(0)
     draw = functools.partial(coverage.SHAPES["normal"], rng, 0.006)
-    for target in (rs.Target(0.005, 3, 50, "stein"), rs.Target(0.005, 3, 50, "sequential", quantile=0.975)):
+    for target in (coverage.SteinTarget(0.005, 3, 50), rs.Target(0.005, 3, 50, quantile=0.975)):
         plain = coverage.simulate(draw, target, POINTS)[1]
         assert not consistent_with_at_least(plain, LEVELS["normal"]) and plain < 0.925
 
@@ -87,17 +86,17 @@ def test_sequential_repeats_by_hand():
 
 
 def test_stein_repeats_by_hand():
-    target = rs.Target(half_width=0.01, first_stage=3, max_repeats=50, rule="stein")
+    target = coverage.SteinTarget(half_width=0.01, first_stage=3, max_repeats=50)
     first = [0.90, 0.92, 0.94]  # sample std 0.02
     t = stats.t.ppf(0.975, 2)
     assert target.repeats(first) == 50 < math.ceil((t * 0.02 / 0.01) ** 2)  # 74.1: capped
-    assert rs.Target(0.05, 3, 50, "stein").repeats(first) == math.ceil((t * 0.02 / 0.05) ** 2) == 3
-    assert rs.Target(0.02, 3, 50, "stein").repeats(first) == math.ceil((t * 0.02 / 0.02) ** 2) == 19
+    assert coverage.SteinTarget(0.05, 3, 50).repeats(first) == math.ceil((t * 0.02 / 0.05) ** 2) == 3
+    assert coverage.SteinTarget(0.02, 3, 50).repeats(first) == math.ceil((t * 0.02 / 0.02) ** 2) == 19
     assert target.repeats([0.9]) == 3  # too few runs to estimate a spread: the minimum
     assert target.repeats([0.9, math.nan, math.nan]) == 3
     nineteen = first + [0.5] * 16  # the second stage does not change the plan or the interval's width
-    assert rs.Target(0.02, 3, 50, "stein").repeats(nineteen) == 19
-    assert rs.Target(0.02, 3, 50, "stein").interval(nineteen) == (pytest.approx(t * 0.02 / math.sqrt(19)), True)
+    assert coverage.SteinTarget(0.02, 3, 50).repeats(nineteen) == 19
+    assert coverage.SteinTarget(0.02, 3, 50).interval(nineteen) == (pytest.approx(t * 0.02 / math.sqrt(19)), True)
 
 
 def per_run_frame(rows) -> pd.DataFrame:
@@ -154,21 +153,21 @@ def test_paired_partner_ignores_the_noise_type_but_not_other_settings():
 
 def test_the_summary_reports_each_rules_interval():
     """sequential: mean +- target where the rule stopped within it, the plain t interval where max_repeats capped
-    it; stein: mean +- t * s0 / sqrt(n), s0 the first stage's std."""
+    it; Stein's comparator (benchmarks/coverage.py): mean +- t * s0 / sqrt(n), s0 the first stage's std."""
     steady, noisy = [0.900, 0.901, 0.899], [0.80, 0.90, 0.85, 0.95]  # noisy: no rule meets 0.01 in 4 runs
     rows = [dict(noise_type="label_flip", p=p, seed=r, repeat=r, test_accuracy=a)
             for p, values in ((0.0, steady), (0.5, noisy)) for r, a in enumerate(values)]
     target = rs.Target(half_width=0.01, first_stage=3, max_repeats=4)
-    stein = dataclasses.replace(target, rule="stein")
+    stein = coverage.SteinTarget(half_width=0.01, first_stage=3, max_repeats=4)
     expected = {  # (rule, p): (half-width, target met)
         ("sequential", 0.0): (0.01, True),
         ("sequential", 0.5): (stats.t.ppf(0.975, 3) * np.std(noisy, ddof=1) / 2, False),
         ("stein", 0.0): (stats.t.ppf(0.975, 2) * np.std(steady, ddof=1) / math.sqrt(3), True),
         ("stein", 0.5): (stats.t.ppf(0.975, 2) * np.std(noisy[:3], ddof=1) / 2, False)}
-    for rule in (target, stein):
+    for name, rule in (("sequential", target), ("stein", stein)):
         summary = rs.summary_table(per_run_frame(rows), rule).set_index("p")
         for p in (0.0, 0.5):
-            half, met = expected[rule.rule, p]
+            half, met = expected[name, p]
             mean = summary.loc[p, "test_accuracy_mean"]
             assert summary.loc[p, "test_accuracy_ci95_low"] == pytest.approx(mean - half)
             assert summary.loc[p, "test_accuracy_ci95_high"] == pytest.approx(mean + half)
