@@ -14,7 +14,8 @@ CPU time is runs weighted by the point's mean seconds per run. It prints the med
 range, over the bootstrap campaigns, of the ratio fixed / rule for the sequential rule and, for
 comparison, for Stein's two-stage rule (SteinTarget in coverage.py), then the savings of two grid
 features by grid arithmetic: one clean (p = 0) run per seed shared by every noise type, and one
-run for a list of epochs (trained once for the longest), and the total. Run from the repository root (under a minute):
+run for a list of epochs (trained once for the longest), and the total. Run from the repository
+root (under a minute):
     .venv/bin/python benchmarks/bench_repeats.py [--half_width 0.005] [--first_stage 5] [--campaigns 200]
 """
 from __future__ import annotations
