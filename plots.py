@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -55,6 +56,13 @@ def varying(table: pd.DataFrame, fields=OTHER_FIELDS) -> list[str]:
     return [f for f in fields if table.groupby("model_type")[f].nunique(dropna=False).max() > 1]
 
 
+def row_fields(table: pd.DataFrame, shown=("noise_type", "p"), exclude=()) -> list[str]:
+    """The fields that tell a table's rows apart: `shown`, and every other setting with several values, less
+    `exclude` (in GROUP_FIELDS order)."""
+    several = {f for f in ("dataset", "model_type", "activation") if table[f].nunique() > 1} | set(varying(table))
+    return [f for f in rs.GROUP_FIELDS if f in shown or f in several and f not in exclude]
+
+
 def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
     """The rows plus `setting` (dataset · model · every varying field but those drawn `apart`) and `noise`, in
     the order of those fields' values."""
@@ -83,6 +91,10 @@ def color(noise: str) -> str:
 
 class TooManyPanels(ValueError):
     """A figure would have more than MAX_PANELS panels."""
+
+
+class ReportError(RuntimeError):
+    """A cell of analysis.ipynb failed on the campaign reported."""
 
 
 @matplotlib.rc_context(STYLE)
@@ -483,9 +495,7 @@ def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFr
     both = pd.concat([losses, stopped], ignore_index=True)
     if both.empty:
         return pd.DataFrame({"no remedy with its plain twin on the same seeds in these results": []})
-    remedy_fields = [*rs.LOSS_FIELDS, "validation_fraction"]
-    rows = [f for f in rs.GROUP_FIELDS
-            if f in ("noise_type", "p", "epochs") or f in varying(both) and f not in remedy_fields]
+    rows = row_fields(both, ("noise_type", "p", "epochs"), exclude=[*rs.LOSS_FIELDS, "validation_fraction"])
     return both.pivot(index=rows, columns="remedy", values="effect").fillna("")
 
 
@@ -498,7 +508,7 @@ def transition_error_table(runs: pd.DataFrame) -> pd.DataFrame:
             for t, p, m in zip(estimated["noise_type"], estimated["p"], estimated["noise_matrix"])]
     bias = [np.mean(np.diag(json.loads(t_hat)) - np.diag(t))
             for t_hat, t in zip(estimated["estimated_transition"], true)]
-    table = estimated.assign(diagonal_bias=bias).groupby(["noise_type", "p"])
+    table = estimated.assign(diagonal_bias=bias).groupby(row_fields(estimated, exclude=["epochs"]), dropna=False)
     return table[["transition_error_mean", "transition_error_max", "diagonal_bias"]].mean().rename(columns={
         "transition_error_mean": "T error: mean", "transition_error_max": "T error: largest",
         "diagonal_bias": "diagonal: estimated − true"}).round(3)
@@ -634,6 +644,7 @@ def write_report(output_dir: Path) -> Path:
 
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
     from traitlets.config import Config
     notebook = without_reference_prose(nbformat.read(NOTEBOOK, as_version=4), Path(output_dir))
@@ -643,7 +654,11 @@ def write_report(output_dir: Path) -> Path:
     ipc = Config({"KernelManager": {"transport": "ipc", "ip": sockets}})
     client = NotebookClient(notebook, timeout=600, shutdown_kernel="immediate", config=ipc,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    run_interruptibly(client.async_execute())
+    try:
+        run_interruptibly(client.async_execute())
+    except CellExecutionError as exc:
+        raise ReportError(f"analysis.ipynb failed on {output_dir}: {exc.ename}: {' '.join(exc.evalue.split())} "
+                          "(the figures are drawn; report.html is unchanged)") from None
     html = HTMLExporter().from_notebook_node(notebook)[0]
     return rs.atomic_write(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
 
@@ -667,10 +682,12 @@ def main(argv=None) -> int:
             paths.append(write_report(args.output_dir))
     except KeyboardInterrupt:
         return 130
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and exc.filename is None:  # from results_store: a CSV is missing
             parser.exit(2, f"no results in {args.output_dir}: {exc}\n")
-        import sys
         print(f"error: {exc.filename}: {exc.strerror or exc}. Free some space or fix the permissions, then run the "
               "same command again; the figures and report already there are unchanged.", file=sys.stderr)
         return 1

@@ -510,3 +510,41 @@ def test_remedy_table_puts_each_loss_and_early_stopping_beside_plain_ce(tmp_path
     gce = rs.loss_effects(results.runs).set_index("p").loc[0.5]
     mean, low, high = (100 * gce[f"minus_ce_test_accuracy_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
     assert table.loc[("label_flip", 0.5, EPOCHS), "gce"] == f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def test_a_figure_with_too_many_panels_is_drawn_once_per_value_of_a_setting(tmp_path, capsys):
+    """Four activations under five noise types, two losses: figure 10 would have 60 panels."""
+    activations = ("relu", "tanh", "sigmoid", "gelu")
+    noise_types = ("label_uniform", "label_flip", "label_pairflip", "pixel_uniform", "pixel_empirical")
+    records = [r for loss in ("ce", "gce") for r in grid_records(activations, noise_types, SEEDS[:2], loss=loss)]
+    results = rs.read_results(campaign(tmp_path, records))
+    drawn = plots.drawn("losses", results)
+    assert capsys.readouterr().out == (
+        "note: 'Losses vs cross-entropy (ce) on the same seeds (mean ± standard error over seeds)' would have 60 "
+        f"panels, more than {plots.MAX_PANELS}; drawn once per activation (or choose a slice: plots.select)\n")
+    assert sorted(file for file, _ in drawn) == sorted(f"fig10_losses__activation={a}.png" for a in activations)
+    for file, fig in drawn:
+        titles = [ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title()]
+        activation = file.removesuffix(".png").rsplit("=", 1)[1]
+        assert len(titles) == 3 * len(noise_types) and all(f" · {activation} · " in title for title in titles)
+
+
+def test_the_remedy_and_transition_tables_keep_each_activation_apart(tmp_path):
+    """Several activations: a row per experiment, never two pooled (forward_estimated's T-hat: exact for relu,
+    its diagonal 0.1 too high for tanh)."""
+    records = [r for loss in ("ce", "gce", "forward_estimated")
+               for r in grid_records(("relu", "tanh"), ("label_flip",), loss=loss)]
+    for r in records:
+        if r["loss"] == "forward_estimated":
+            bias = np.eye(K) * (0.1 if r["activation"] == "tanh" else 0.0)
+            r["estimated_transition"] = (registry.transition_matrix(r["noise_type"], r["p"]) + bias).tolist()
+    runs = rs.read_results(campaign(tmp_path, records)).runs
+    table = plots.remedy_table(runs)
+    assert table.index.names == ["activation", "noise_type", "p", "epochs"] and len(table) == 2 * len(LABEL_PS)
+    gce = rs.loss_effects(runs).set_index(["loss", "activation", "p"]).loc[("gce", "tanh", 0.5)]
+    mean, low, high = (100 * gce[f"minus_ce_test_accuracy_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
+    assert table.loc[("tanh", "label_flip", 0.5, EPOCHS), "gce"] == f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+    errors = plots.transition_error_table(runs)
+    assert errors.index.names == ["activation", "noise_type", "p"] and len(errors) == 2 * (len(LABEL_PS) - 1)
+    assert set(errors.loc["relu", "diagonal: estimated − true"]) == {0.0}
+    assert set(errors.loc["tanh", "diagonal: estimated − true"]) == {0.1}

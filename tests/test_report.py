@@ -97,3 +97,42 @@ def test_the_report_of_another_campaign_carries_no_reference_prose(tmp_path):
     notes = html.count("Prose about the reference campaign (results/reference/) left out")
     assert 1 <= notes <= len(reference)
     assert "Test accuracy and cross-entropy against the noise level" in html and "data:image/png;base64" in html
+
+
+@pytest.mark.slow
+def test_the_report_of_a_large_grid_draws_too_wide_figures_once_per_value(tmp_path):
+    """Four activations under five noise types, two losses: a figure of over MAX_PANELS panels is drawn once per
+    activation in the report as by plots.py, and the tables keep the activations apart."""
+    import plots
+
+    activations = ("relu", "tanh", "sigmoid", "gelu")
+    noise_types = ("label_uniform", "label_flip", "label_pairflip", "pixel_uniform", "pixel_empirical")
+    records = [r for loss in ("ce", "gce") for r in grid_records(activations, noise_types, (11, 22), loss=loss)]
+    directory = campaign(tmp_path / "campaign", records)
+    report = subprocess.run([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    html = (directory / "report.html").read_text()
+    for activation in activations:
+        assert f"{plots.FIGURE_FILES['losses'][:-4]}__activation={activation}.png" in report.stdout
+        assert (directory / "figures" / f"fig10_losses__activation={activation}.png").is_file()
+    assert "would have 60 panels" in html and "Traceback" not in html
+
+
+def test_a_report_whose_notebook_fails_says_so_in_one_line(tmp_path, monkeypatch):
+    """A broken campaign beside the one reported (a summary without its per-run CSV) fails a cell: one line naming
+    the error, exit code 1, the previous report.html kept."""
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip",)))
+    broken = directory / "memorisation"
+    broken.mkdir()
+    (broken / rs.SUMMARY_CSV).write_text((directory / rs.SUMMARY_CSV).read_text())
+    (directory / "report.html").write_text("<html>the previous report</html>")
+    monkeypatch.setenv("ANALYSIS_MEMORISATION_DIR", str(broken))
+    report = subprocess.run([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert report.returncode == 1 and report.stdout == ""
+    assert report.stderr == (f"error: analysis.ipynb failed on {directory}: FileNotFoundError: {broken / rs.PER_RUN_CSV} "
+                             "not found: is this a campaign's output_dir, and has a run finished? (the figures are "
+                             "drawn; report.html is unchanged)\n")
+    assert (directory / "report.html").read_text() == "<html>the previous report</html>"
+    assert (directory / "figures").is_dir()
