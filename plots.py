@@ -1,7 +1,7 @@
 """Figures of a noise-robustness campaign, from `results_store.read_results` (which computes every statistic).
 
-A line per experiment (runs differing only in the seed); figures 1-9, 11 and 12 show runs without loss correction;
-a figure without data is None. Bare Agg Figures (never pyplot): drawing leaves no global state behind.
+A line per experiment (runs differing only in the seed), a panel per combination of the settings that vary; a
+figure without data is None. Bare Agg Figures (never pyplot): drawing leaves no global state behind.
     python plots.py OUTPUT_DIR [--report]   # figures into OUTPUT_DIR/figures/ (--report: and report.html)
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ REFERENCE_DIR = NOTEBOOK.parent / "results" / "reference"  # the campaign whose 
 OTHER_FIELDS = [f for f in rs.GROUP_FIELDS if f not in ("dataset", "model_type", "activation", "noise_type",
                                                            "noise_matrix", "p")]
 PAIRED_LOSS = "minus_ce_test_accuracy"
+REMEDY_FIELDS = [*rs.LOSS_FIELDS, "validation_fraction"]  # what the report compares as remedies, side by side
 LABELS = {**{name: metric.label for name, metric in registry.METRICS.items()},
           "accuracy": "accuracy in bin", "delta_test_accuracy": "test accuracy − at p = 0",
           "delta_test_loss": "test cross-entropy − at p = 0", PAIRED_LOSS: "test accuracy: loss − ce (paired)"}
@@ -394,8 +395,10 @@ NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the ta
 
 
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
-    """The runs with plain cross-entropy; a table of several settings (a slice the report did not choose) raises."""
+    """The runs with plain cross-entropy and no validation split (else the smallest); a table of several settings
+    (a slice the report did not choose) raises."""
     table = summary[summary["loss"] == "ce"]
+    table = table[table["validation_fraction"] == table["validation_fraction"].min()]
     if several := varying(table):
         raise ValueError(f"the tables take one value of each setting, and {', '.join(several)} vary: choose one "
                          "with the notebook's SLICE (plots.select)")
@@ -412,12 +415,10 @@ def select(results: rs.Results, **values) -> rs.Results:
 
 
 def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
-    """The results at the `chosen` settings and, for each other setting that still varies (losses aside: the
-    figures draw each), its first value; and the slice taken."""
-    ce = results.summary[results.summary["loss"] == "ce"]
-    summary = ce if len(ce) else results.summary
-    several = [f for f in varying(summary) if f not in rs.LOSS_FIELDS and f not in chosen]
-    chosen = {**chosen, **{f: sorted(summary[f].dropna().unique())[0] for f in several}}
+    """The results at the `chosen` settings and, for each other setting that still varies (the remedies aside: the
+    report compares them), its first value; and the slice taken."""
+    several = [f for f in varying(results.summary) if f not in REMEDY_FIELDS and f not in chosen]
+    chosen = {**chosen, **{f: sorted(results.summary[f].dropna().unique())[0] for f in several}}
     return select(results, **chosen), chosen
 
 
@@ -443,6 +444,15 @@ def clean_table(summary: pd.DataFrame) -> pd.DataFrame:
 def metric_table(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The mean of `metric` at every noise level, a column per activation."""
     return uncorrected(summary).pivot_table(index=NOISE_LEVEL, columns="activation", values=f"{metric}_mean").round(3)
+
+
+def length_table(summary: pd.DataFrame, metrics: list[str], shown=("noise_type", "p")) -> pd.DataFrame:
+    """The means of `metrics` after each reported length, a column per epochs, a row per value of `shown` and of every
+    other setting that varies (without the noise type shown, the clean runs every noise type shares count once)."""
+    if "noise_type" not in shown:
+        summary = summary.drop_duplicates([f for f in rs.GROUP_FIELDS if f != "noise_type"])
+    rows = row_fields(summary, shown, exclude=["epochs", "noise_type"])
+    return summary.pivot(index=rows, columns="epochs", values=[f"{m}_mean" for m in metrics])
 
 
 def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -495,7 +505,7 @@ def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFr
     both = pd.concat([losses, stopped], ignore_index=True)
     if both.empty:
         return pd.DataFrame({"no remedy with its plain twin on the same seeds in these results": []})
-    rows = row_fields(both, ("noise_type", "p", "epochs"), exclude=[*rs.LOSS_FIELDS, "validation_fraction"])
+    rows = row_fields(both, ("noise_type", "p", "epochs"), exclude=REMEDY_FIELDS)
     return both.pivot(index=rows, columns="remedy", values="effect").fillna("")
 
 
@@ -519,7 +529,8 @@ def model_table(summary: pd.DataFrame) -> pd.DataFrame:
     frame = uncorrected(summary)
     accuracy = with_interval(frame, "test_accuracy", sign="").rename("accuracy")
     table = pd.concat([frame[NOISE_LEVEL + ["activation"]], accuracy], axis=1)
-    return table.pivot(index=NOISE_LEVEL[2:] + ["activation"], columns="model_type", values="accuracy")
+    datasets = ["dataset"] if frame["dataset"].nunique() > 1 else []
+    return table.pivot(index=datasets + NOISE_LEVEL[2:] + ["activation"], columns="model_type", values="accuracy")
 
 
 def paired_vs_unpaired_table(summary: pd.DataFrame) -> pd.DataFrame:

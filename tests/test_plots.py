@@ -529,6 +529,42 @@ def test_a_figure_with_too_many_panels_is_drawn_once_per_value_of_a_setting(tmp_
         assert len(titles) == 3 * len(noise_types) and all(f" · {activation} · " in title for title in titles)
 
 
+def test_the_report_slice_keeps_the_remedies_and_its_tables_take_plain_training(tmp_path):
+    """Two learning rates, and ce, gce and ce with a validation split: the report takes the first learning rate and
+    keeps every remedy; its tables of the noise's effect take plain ce without a split."""
+    records = [r for lr in (1e-3, 1e-2) for loss, split in (("ce", 0.0), ("gce", 0.0), ("ce", 0.1))
+               for r in grid_records(("relu", "tanh"), ("label_flip",), learning_rate=lr, loss=loss,
+                                     validation_fraction=split)]
+    results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
+    assert chosen == {"learning_rate": 0.001} and set(results.summary["learning_rate"]) == {0.001}
+    summary = results.summary
+    assert set(zip(summary["loss"], summary["validation_fraction"])) == {("ce", 0.0), ("gce", 0.0), ("ce", 0.1)}
+    plain = summary.query("loss == 'ce' and validation_fraction == 0").set_index(["activation", "p"])
+    table = plots.metric_table(summary, "test_accuracy")
+    assert table.loc[("mnist", "mlp", "label_flip", 0.5), "tanh"] == round(plain.loc[("tanh", 0.5),
+                                                                                     "test_accuracy_mean"], 3)
+    assert {"early stopping", "gce"} <= set(plots.remedy_table(results.runs).columns)
+
+
+def test_the_length_and_model_tables_keep_each_setting_apart(tmp_path):
+    """Two datasets, two model types, two activations: a row each; the clean runs shared by two noise types once."""
+    records = [r for dataset in ("mnist", "fashion_mnist") for model, widths in (("mlp", (256, 128)), ("cnn", ()))
+               for r in grid_records(("relu", "tanh"), ("label_flip", "pixel_uniform"), dataset=dataset,
+                                     model_type=model, hidden_sizes=widths)]
+    summary = rs.read_results(campaign(tmp_path, records)).summary
+    models = plots.model_table(summary)
+    assert models.index.names == ["dataset", "noise_type", "p", "activation"] and list(models.columns) == ["cnn", "mlp"]
+    assert len(models) == 2 * (len(LABEL_PS) + len(PIXEL_PS)) * 2
+    lengths = plots.length_table(summary, ["test_accuracy"])
+    assert lengths.index.names == ["dataset", "model_type", "activation", "noise_type", "p"]
+    one = summary.set_index(["dataset", "model_type", "activation", "noise_type", "p"]).loc[
+        ("fashion_mnist", "cnn", "tanh", "label_flip", 0.5)]
+    assert lengths.loc[("fashion_mnist", "cnn", "tanh", "label_flip", 0.5), ("test_accuracy_mean", EPOCHS)] == \
+        one["test_accuracy_mean"]
+    clean = plots.length_table(summary[summary["p"] == 0], ["test_accuracy", "test_ece"], shown=["loss"])
+    assert clean.index.names == ["dataset", "model_type", "activation", "loss"] and len(clean) == 2 * 2 * 2
+
+
 def test_the_remedy_and_transition_tables_keep_each_activation_apart(tmp_path):
     """Several activations: a row per experiment, never two pooled (forward_estimated's T-hat: exact for relu,
     its diagonal 0.1 too high for tanh)."""
