@@ -458,7 +458,7 @@ def length_table(summary: pd.DataFrame, metrics: list[str], shown=("noise_type",
 def posterior_excess_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Test cross-entropy minus that of a model predicting the noisy-label posterior, below the information limit."""
     label = uncorrected(summary)
-    label = label[[p < (information_limit(t) or -1) for t, p in zip(label["noise_type"], label["p"])]]
+    label = label[label["p"] < label["noise_type"].map(lambda t: information_limit(t) or -1)]
     posterior = [float(registry.posterior_model_loss(t, p)) for t, p in zip(label["noise_type"], label["p"])]
     excess = label[EXPERIMENT].assign(excess=label["test_loss_mean"] - posterior)
     return excess.pivot_table(index=NOISE_LEVEL, columns="activation", values="excess").round(3)

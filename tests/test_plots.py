@@ -565,6 +565,13 @@ def test_the_length_and_model_tables_keep_each_setting_apart(tmp_path):
     assert clean.index.names == ["dataset", "model_type", "activation", "loss"] and len(clean) == 2 * 2 * 2
 
 
+def test_the_tables_of_plain_training_are_empty_for_a_campaign_without_plain_ce(tmp_path):
+    summary = rs.read_results(campaign(tmp_path, grid_records(("relu",), ("label_flip",), loss="gce"))).summary
+    tables = [plots.clean_table(summary), plots.metric_table(summary, "test_accuracy"),
+              plots.posterior_excess_table(summary), plots.pixel_test_table(summary)]
+    assert all(table.empty for table in tables)
+
+
 def test_the_remedy_and_transition_tables_keep_each_activation_apart(tmp_path):
     """Several activations: a row per experiment, never two pooled (forward_estimated's T-hat: exact for relu,
     its diagonal 0.1 too high for tanh)."""
