@@ -36,7 +36,8 @@ REFERENCE_DIR = NOTEBOOK.parent / "results" / "reference"  # the campaign whose 
 OTHER_FIELDS = [f for f in rs.GROUP_FIELDS if f not in ("dataset", "model_type", "activation", "noise_type",
                                                            "noise_matrix", "p")]
 PAIRED_LOSS = "minus_ce_test_accuracy"
-REMEDY_FIELDS = [*rs.LOSS_FIELDS, "validation_fraction"]  # what the report compares as remedies, side by side
+# What the report compares as remedies, side by side: the loss, early stopping and the training length.
+REMEDY_FIELDS = [*rs.LOSS_FIELDS, "validation_fraction", "epochs"]
 LABELS = {**{name: metric.label for name, metric in registry.METRICS.items()},
           "accuracy": "accuracy in bin", "delta_test_accuracy": "test accuracy − at p = 0",
           "delta_test_loss": "test cross-entropy − at p = 0", PAIRED_LOSS: "test accuracy: loss − ce (paired)"}
@@ -395,10 +396,11 @@ NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the ta
 
 
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
-    """The runs with plain cross-entropy and no validation split (else the smallest); a table of several settings
-    (a slice the report did not choose) raises."""
+    """The runs of plain training: cross-entropy, no validation split (else the smallest), the shortest length; a
+    table of several other settings (a slice the report did not choose) raises."""
     table = summary[summary["loss"] == "ce"]
-    table = table[table["validation_fraction"] == table["validation_fraction"].min()]
+    table = table[(table["validation_fraction"] == table["validation_fraction"].min())
+                  & (table["epochs"] == table["epochs"].min())]
     if several := varying(table):
         raise ValueError(f"the tables take one value of each setting, and {', '.join(several)} vary: choose one "
                          "with the notebook's SLICE (plots.select)")

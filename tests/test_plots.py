@@ -546,6 +546,22 @@ def test_the_report_slice_keeps_the_remedies_and_its_tables_take_plain_training(
     assert {"early stopping", "gce"} <= set(plots.remedy_table(results.runs).columns)
 
 
+def test_the_report_keeps_every_training_length_and_its_tables_take_the_shortest(tmp_path):
+    records = grid_records(("relu",), ("label_flip",))
+    for r in records:  # also reported after 2 epochs, 0.1 less accurate
+        r["reported"] = {"2": {**{m: r[m] for m in registry.METRICS}, "test_accuracy": r["test_accuracy"] - 0.1,
+                               "reliability": r["reliability"]}}
+    results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
+    assert chosen == {} and set(results.summary["epochs"]) == {2, EPOCHS}
+    lengths = plots.length_table(results.summary, ["test_accuracy"])
+    assert list(lengths.columns) == [("test_accuracy_mean", 2), ("test_accuracy_mean", EPOCHS)]
+    assert (lengths[("test_accuracy_mean", EPOCHS)] - lengths[("test_accuracy_mean", 2)]).round(9).eq(0.1).all()
+    shortest = results.summary.query("epochs == 2").set_index(["noise_type", "p"])
+    table = plots.metric_table(results.summary, "test_accuracy")
+    assert table.loc[("mnist", "mlp", "label_flip", 0.5), "relu"] == round(shortest.loc[("label_flip", 0.5),
+                                                                                        "test_accuracy_mean"], 3)
+
+
 def test_the_length_and_model_tables_keep_each_setting_apart(tmp_path):
     """Two datasets, two model types, two activations: a row each; the clean runs shared by two noise types once."""
     records = [r for dataset in ("mnist", "fashion_mnist") for model, widths in (("mlp", (256, 128)), ("cnn", ()))
