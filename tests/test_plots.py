@@ -123,6 +123,14 @@ def test_figures_draw_each_loss_in_panels_of_its_own_and_compare_them_in_figure_
     assert by_loss["ce"] >= by_loss["forward"]
 
 
+def test_panel_titles_name_a_losss_settings_only_where_it_has_some(tmp_path):
+    records = grid_records(("relu",), ("label_flip",)) + grid_records(("relu",), ("label_flip",), loss="gce",
+                                                                      loss_settings=(("q", 0.7),))
+    fig = plots.plot_metric_vs_p(rs.read_results(campaign(tmp_path, records)).summary)
+    titles = sorted(ax.get_title().replace("\n", " ") for ax in fig.axes if ax.get_title())
+    assert titles == ["mnist · mlp · loss=ce · relu", "mnist · mlp · loss=gce · q=0.7 · relu"]
+
+
 def test_losses_panel_shows_each_loss_minus_ce_paired_by_seed(results):
     fig = plots.plot_losses(results.summary, results.runs)
     paired = {ax.get_title().replace("\n", " "): c for ax, c in errorbars(fig) if is_paired_loss_panel(ax)}
