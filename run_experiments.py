@@ -318,9 +318,14 @@ def repeat_seed(campaign_seed: int, repeat: int) -> int:
     return nm.stream_seed(campaign_seed, f"repeat/{repeat}") % 2**31
 
 
+def stored_config(cfg: registry.TrainConfig) -> dict:
+    """The config's fields as records and CSVs store them."""
+    return {k: rs.csv_value(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
 def run_key(cfg: registry.TrainConfig) -> str:
     """A stable id from every field that affects the run's result (threads and paths do not)."""
-    fields = {k: rs.csv_value(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("cpu_threads", "data_dir")}
+    fields = {k: v for k, v in stored_config(cfg).items() if k not in ("cpu_threads", "data_dir")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -396,9 +401,8 @@ def now() -> str:
 
 def run_record(spec: RunSpec, status: str, error: str = "", **fields) -> dict:
     """A stored run: bookkeeping, every config field as the CSVs write it, and `fields`."""
-    config = {k: rs.csv_value(v) for k, v in dataclasses.asdict(spec.config).items()}
     return {"run_id": spec.run_id, "repeat": spec.repeat, "status": status, "error": error,
-            "finished_at": now(), **config, **{k: rs.csv_value(v) for k, v in fields.items()}}
+            "finished_at": now(), **stored_config(spec.config), **{k: rs.csv_value(v) for k, v in fields.items()}}
 
 
 def run_one(spec: RunSpec) -> dict:
@@ -418,9 +422,9 @@ def executor_for(config: dict) -> executors.Executor:
     """The configured executor of run_one, naming runs by their settings in its warnings."""
     modules = [Path(m.__file__) for m in (registry, metrics, sys.modules["losses"], nm, rs, executors,
                                           sys.modules[__name__])]
+    varying = varying_settings(config)
     return executors.EXECUTORS[config["executor"]].from_config(
-        run_one, config, modules, describe=lambda s: f"run {s.run_id} ({s.config.noise_type} p={s.config.p:g} "
-                                                     f"r{s.repeat}, {s.config.model_type}/{s.config.activation})",
+        run_one, config, modules, describe=lambda s: f"run {s.run_id} ({spec_name(s, varying)})",
         kind=lambda s: dataclasses.replace(s.config, seed=0, p=0.0, noise_type=registry.CLEAN, noise_matrix=None))
 
 
@@ -457,10 +461,27 @@ def move_aside(output_dir: Path) -> Path | None:
     return target
 
 
-def describe_run(record: dict) -> str:
-    loss = f" loss={record['loss']}" if record.get("loss") != "ce" else ""
-    head = (f"{record['model_type']}/{record['activation']} {record['noise_type']}{loss} "
-            f"p={record['p']:.2f} r{record['repeat']}")
+def varying_settings(config: dict) -> list[str]:
+    """The run settings the grid varies besides those every line about a run names (run_name)."""
+    named = ("model_types", "activations", "noise_types", "ps", "losses", "epochs")  # a list of epochs is one run
+    return [AXES[name] for name in AXES if name not in named and len(axis_values(config, name)) > 1]
+
+
+def run_name(run: dict, varying=()) -> str:
+    """How every line names a run (config fields as records store them): model/activation, noise, its loss but
+    ce, p, the `varying` settings and the repeat."""
+    loss = f" loss={' '.join(filter(None, [run['loss'], run['loss_settings']]))}" if run["loss"] != "ce" else ""
+    settings = "".join(f" {name}={run[name]}" for name in varying)
+    return (f"{run['model_type']}/{run['activation']} {run['noise_type']}{loss} p={run['p']:.2f}{settings} "
+            f"r{run['repeat']}")
+
+
+def spec_name(spec: RunSpec, varying=()) -> str:
+    return run_name({**stored_config(spec.config), "repeat": spec.repeat}, varying)
+
+
+def describe_run(record: dict, varying=()) -> str:
+    head = run_name(record, varying)
     if record["status"] != "ok":
         return f"[{record['status'].upper()}] {head}: {record['error']}"
     return f"[ok] {head}: acc={record['test_accuracy']:.4f} loss={record['test_loss']:.4f} ({record['seconds']:.1f}s)"
@@ -506,7 +527,7 @@ class Campaign:
                          "workers": resolved_workers(config), "started_at": now(), "finished_at": None}
         self.log_file = open(self.output_dir / "campaign.log", "a", buffering=1)  # line-buffered: flushed per line
         self.csvs_written_at, self.csv_interval = -math.inf, CSV_REFRESH_SECONDS  # the first run is in them at once
-        self.done, self.bar = 0, None
+        self.done, self.bar, self.varying = 0, None, varying_settings(config)
 
     def more_repeats(self, point: registry.TrainConfig) -> list[RunSpec]:
         """The runs `point` (seed 0) needs beyond those planned, from its stored repeats 0, 1, ... up to the first
@@ -557,7 +578,7 @@ class Campaign:
             self.csvs_written_at = time.monotonic()
         self.done += 1
         remaining = (time.monotonic() - self.started) / self.done * (self.bar.total - self.done)
-        self.say(f"[{self.done}/{self.bar.total}, ETA {duration(remaining)}] {describe_run(record)}")
+        self.say(f"[{self.done}/{self.bar.total}, ETA {duration(remaining)}] {describe_run(record, self.varying)}")
         self.bar.update()
 
     def run(self, todo: list[RunSpec]) -> str:
@@ -685,7 +706,7 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
                     if counts["not_identifiable"] else ""))
     failed = [r for r in campaign.records.values() if r["status"] in ("failed", "diverged")]
     for record in failed:
-        campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record)}")
+        campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record, campaign.varying)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
                  f"headline figures: {out}/figures/; log: {out}/campaign.log")
     campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
@@ -790,11 +811,9 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
               f"({duration(wall * most)}) if every one needs max_repeats.")
     if note := not_identifiable_note(specs):
         print(note)
+    varying = varying_settings(config)
     for spec in specs if list_runs else []:
-        cfg = spec.config
-        print(f"{spec.run_id} {cfg.dataset} {cfg.model_type}/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
-              f"loss={' '.join(filter(None, [cfg.loss, rs.csv_value(cfg.loss_settings)]))} repeat={spec.repeat} "
-              f"seed={cfg.seed} epochs={cfg.epochs}")
+        print(f"{spec.run_id} {spec_name(spec, varying)} seed={spec.config.seed} epochs={spec.config.epochs}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,6 +239,12 @@ def test_a_list_of_epochs_is_one_run_of_the_longest_per_grid_cell(axes_campaigns
     assert not per_run.duplicated(["run_id", "epochs"]).any()
 
 
+def test_each_progress_line_names_the_settings_the_grid_varies(axes_campaigns):
+    lines = [m[3] for m in map(PER_RUN_LINE.fullmatch, axes_campaigns.stdout.splitlines()) if m]
+    named = Counter(re.search(r" learning_rate=(\S+) hidden_sizes=(\S+) r\d+: ", line).groups() for line in lines)
+    assert named == {(str(lr), widths): TINY_RUNS for lr, widths in SETTINGS}
+
+
 def test_the_shorter_length_reported_is_the_shorter_campaign_bit_for_bit(axes_campaigns):
     summary = rs.read_csv(axes_campaigns.both / rs.SUMMARY_CSV)
     assert sorted(summary["epochs"].unique()) == [1, 2]

@@ -630,8 +630,8 @@ def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeyp
     assert len(listed) == 20
     for spec, line in zip(specs, listed):
         cfg = spec.config
-        assert line.split() == (f"{spec.run_id} mnist mlp/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} "
-                                f"loss=ce repeat={spec.repeat} seed={cfg.seed} epochs=1").split()
+        assert line == (f"{spec.run_id} mlp/{cfg.activation} {cfg.noise_type} p={cfg.p:.2f} r{spec.repeat} "
+                        f"seed={cfg.seed} epochs=1")
     assert list(tmp_path.iterdir()) == []
 
 
