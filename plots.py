@@ -398,6 +398,11 @@ EXPERIMENT = ["dataset", "model_type", "noise_type", "activation", "p"]  # the i
 NOISE_LEVEL = [f for f in EXPERIMENT if f != "activation"]  # the rows of the tables with a column per activation
 
 
+def clean_runs_once(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the clean runs (p = 0), which every noise type of a grid shares, once rather than per type."""
+    return table[~((table["p"] == 0) & table.duplicated(rs.PAIR_FIELDS + ["p"]))]
+
+
 def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
     """The runs of plain training: cross-entropy, no validation split (else the smallest), the shortest length; a
     table of several other settings (a slice the report did not choose) raises."""
@@ -442,7 +447,7 @@ def clean_table(summary: pd.DataFrame) -> pd.DataFrame:
     columns = {"n": "seeds", "test_accuracy_mean": "accuracy", "test_accuracy_ci95_low": "CI low",
                "test_accuracy_ci95_high": "CI high", "test_loss_mean": "cross-entropy"}
     clean = uncorrected(summary)
-    clean = clean[clean["p"] == 0].drop_duplicates([f for f in rs.GROUP_FIELDS if f != "noise_type"])
+    clean = clean_runs_once(clean[clean["p"] == 0])
     return clean.set_index(["dataset", "model_type", "activation"])[list(columns)].rename(columns=columns).round(4)
 
 
@@ -455,7 +460,7 @@ def length_table(summary: pd.DataFrame, metrics: list[str], shown=("noise_type",
     """The means of `metrics` after each reported length, a column per epochs, a row per value of `shown` and of every
     other setting that varies (without the noise type shown, the clean runs every noise type shares count once)."""
     if "noise_type" not in shown:
-        summary = summary.drop_duplicates([f for f in rs.GROUP_FIELDS if f != "noise_type"])
+        summary = clean_runs_once(summary)
     rows = row_fields(summary, shown, exclude=["epochs", "noise_type"])
     return summary.pivot(index=rows, columns="epochs", values=[f"{m}_mean" for m in metrics])
 
