@@ -29,8 +29,6 @@ MEMORISATION_SAMPLE = 10_000  # training examples checked for memorisation after
 EVAL_BATCH_SIZE = 256  # docs/performance.md: evaluation batch size
 MAX_CONDITION = 1e4  # of T, for forward correction: beyond, its inverse amplifies round-off into the model
 
-TORCHVISION_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
-NORMALIZATION = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}  # training-set pixel mean, std
 IDX_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
              "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
 _DATASET_CACHE: dict[tuple[str, str], Dataset] = {}  # load_dataset's, by (dataset, resolved data_dir)
@@ -74,13 +72,13 @@ def _find_idx_file(directory: Path, filename: str) -> Path | None:
 def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
     """The directory holding all four IDX files (gzipped or not), or None."""
     root = Path(data_dir).expanduser()
-    candidates = (root / TORCHVISION_NAMES[dataset] / "raw", root)
+    candidates = (root / registry.DATASETS[dataset].folder / "raw", root)
     return next((d for d in candidates if all(_find_idx_file(d, name) for name in IDX_FILES.values())), None)
 
 
 def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Path:
     """The directory of the dataset's IDX files, downloaded if missing and allowed, else DataNotFoundError."""
-    raw = Path(data_dir).expanduser() / TORCHVISION_NAMES[dataset] / "raw"  # where a download puts the files
+    raw = Path(data_dir).expanduser() / registry.DATASETS[dataset].folder / "raw"  # where a download puts the files
     reason = "download not attempted"
     if find_raw_dir(dataset, data_dir) is None and download:
         created = next((d for d in (*reversed(raw.parents), raw) if not d.exists()), None)  # by the download
@@ -88,7 +86,7 @@ def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) ->
             from torchvision import datasets as tv_datasets
 
             for train in (True, False):
-                getattr(tv_datasets, TORCHVISION_NAMES[dataset])(str(data_dir), train=train, download=True)
+                getattr(tv_datasets, registry.DATASETS[dataset].folder)(str(data_dir), train=train, download=True)
         except Exception as exc:  # not installed, offline, proxy, checksum: all mean "not here"
             reason = f"download failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         if created is not None and find_raw_dir(dataset, data_dir) is None:  # no empty folders left behind
@@ -147,8 +145,18 @@ def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> D
         raw_dir = ensure_dataset(dataset, data_dir, download)
         paths = {name: _find_idx_file(raw_dir, f) for name, f in IDX_FILES.items()}
         arrays = {name: read_idx(path) for name, path in paths.items()}
+        if (found := identified_dataset(arrays["train_labels"])) not in (None, dataset):
+            raise DataFileError(f"{raw_dir} holds {found}, not {dataset}: put {dataset}'s four files into "
+                                f"{Path(data_dir) / registry.DATASETS[dataset].folder / 'raw'}/ (with several "
+                                "datasets, each in its own folder there), or set data_dir to where they are")
         _DATASET_CACHE[key] = Dataset(*split_tensors(paths, arrays, "train"), *split_tensors(paths, arrays, "test"))
     return _DATASET_CACHE[key]
+
+
+def identified_dataset(train_labels: np.ndarray) -> str | None:
+    """The registered dataset whose training labels these are, or None (other data)."""
+    digest = hashlib.sha256(np.ascontiguousarray(train_labels)).hexdigest()
+    return next((name for name, source in registry.DATASETS.items() if source.train_labels_sha256 == digest), None)
 
 
 def transition_matrix(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -292,7 +300,8 @@ class BatchSource:
             self.cdf = pixel_intensity_cdf(images_uint8) if cdf is None else cdf
         self.quantiles = None if self.cdf is None else grey_level_quantiles(self.cdf)
         self.generator = make_generator(cfg.seed, stream, device)
-        self.mean, self.std = NORMALIZATION[cfg.dataset] if cfg.normalize else (0.0, 1.0)
+        source = registry.DATASETS[cfg.dataset]
+        self.mean, self.std = (source.mean, source.std) if cfg.normalize else (0.0, 1.0)
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         grey_levels = self.images.index_select(0, indices).float()

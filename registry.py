@@ -10,7 +10,6 @@ from typing import Callable
 import numpy as np
 
 NUM_CLASSES = 10
-DATASETS = ("mnist", "fashion_mnist")
 MODEL_TYPES = ("mlp", "cnn")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
 OPTIMIZERS = ("adam", "sgd")
@@ -50,6 +49,25 @@ class TrainConfig:
     def draws_pixel_noise(self) -> bool:
         """Whether batches get pixel noise: none at p = 0, so that run is the noiseless one, bit for bit."""
         return NOISE_TYPES[self.noise_type].kind == "pixel" and self.p > 0
+
+
+# ---------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset's four IDX files: torchvision's `folder` name (a download goes to DATA_DIR/folder/raw/), the
+    training pixels' `mean` and `std` (normalize), and the sha256 of the decoded training labels, which tells the
+    data sets apart (their files have the same names) however they are compressed."""
+    folder: str
+    mean: float
+    std: float
+    train_labels_sha256: str
+
+
+DATASETS = {
+    "mnist": DataSource("MNIST", 0.1307, 0.3081, "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13"),
+    "fashion_mnist": DataSource("FashionMNIST", 0.2860, 0.3530,
+                                "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7"),
+}
 
 
 # ---------------------------------------------------------------- noise types

@@ -41,7 +41,7 @@ max_attempts = 3                         # tries per run (worker deaths, failure
 retry_failed = True                      # on resume, run failed runs again (up to max_attempts)
 use_cuda = False                         # train on the GPU (needs max_workers = 1)
 precision = "float32"                    # float32 | bfloat16 (mixed-precision training passes, docs/performance.md)
-data_dir = "data"                        # holds MNIST/raw/*.gz (torchvision layout) or the four files directly
+data_dir = "data"                        # holds MNIST/raw/*.gz, FashionMNIST/raw/*.gz (torchvision layout) or one dataset's four files
 output_dir = "results/campaign"          # where runs, CSVs and figures go
 executor = "local"                       # local (worker processes on this machine) | dask (docs/cluster.md)
 dask_scheduler = None                    # with executor = "dask": the scheduler's address, e.g. tcp://HOST:8786
@@ -183,7 +183,7 @@ def integer_at_least_1(v) -> bool:
 
 # name: (check of one value, what is allowed); a grid axis's check applies to each of its values
 RULES = {
-    "datasets": one_of(registry.DATASETS), "model_types": one_of(registry.MODEL_TYPES),
+    "datasets": one_of(tuple(registry.DATASETS)), "model_types": one_of(registry.MODEL_TYPES),
     "activations": one_of(registry.ACTIVATIONS), "noise_types": one_of(registry.noisy_types),
     "losses": one_of(tuple(LOSSES)), "optimizer": one_of(registry.OPTIMIZERS),
     "precision": one_of(registry.PRECISIONS), "executor": one_of(tuple(executors.EXECUTORS)),

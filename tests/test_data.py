@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nnet_models as nm
+import registry
 
 TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
 TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
@@ -227,7 +228,7 @@ def fake_torchvision(monkeypatch, on_construct) -> list:
             on_construct(name, root, train)
         return construct
 
-    datasets = types.SimpleNamespace(**{name: dataset_class(name) for name in nm.TORCHVISION_NAMES.values()})
+    datasets = types.SimpleNamespace(**{name: dataset_class(name) for name in (source.folder for source in registry.DATASETS.values())})
     module = types.ModuleType("torchvision")
     module.datasets = datasets
     monkeypatch.setitem(sys.modules, "torchvision", module)
@@ -255,16 +256,16 @@ def test_download_without_torchvision_raises_data_not_found(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
-def test_successful_download_is_used(tmp_path, mnist_dir, reference, monkeypatch, dataset):
-    """torchvision's class of the dataset downloads both splits into data_dir/<Name>/raw.
-    (MNIST's files stand in for Fashion-MNIST's, which have the same names and format.)"""
+def test_successful_download_is_used(tmp_path, monkeypatch, dataset):
+    """torchvision's class of the dataset downloads both splits into data_dir/<Name>/raw (hand-built files stand
+    in for the download)."""
     def fake_download(name, root, train):
         if train:
-            _link_files(mnist_dir, Path(root) / name / "raw")
+            small_dataset(Path(root) / name / "raw")
 
     calls = fake_torchvision(monkeypatch, fake_download)
-    assert_same_dataset(nm.load_dataset(dataset, tmp_path, download=True), reference)
-    name = nm.TORCHVISION_NAMES[dataset]
+    assert nm.load_dataset(dataset, tmp_path, download=True).test_labels.tolist() == [6, 7, 8, 9]
+    name = registry.DATASETS[dataset].folder
     assert calls == [(name, str(tmp_path), True, True), (name, str(tmp_path), False, True)]
     assert nm.find_raw_dir(dataset, tmp_path) == tmp_path / name / "raw"
 
@@ -415,3 +416,45 @@ def test_a_broken_file_stops_the_campaign_before_anything_is_written(tmp_path):
     assert code == 2 and not out.exists()
     assert stderr.startswith("error: data_dir: ") and "Traceback" not in stderr
     assert str(directory / nm.IDX_FILES["train_labels"]) in stderr
+
+
+# ---------------------------------------------------------------- which dataset the files hold
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where its system package puts it
+needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST is not at {FASHION_DIR}")
+
+
+def test_real_mnist_is_identified(mnist_dir):
+    assert nm.identified_dataset(nm.read_idx(mnist_dir / nm.IDX_FILES["train_labels"])) == "mnist"
+    assert nm.identified_dataset(np.zeros(60000, dtype=np.uint8)) is None  # other data is taken as it is
+
+
+@needs_fashion
+def test_fashion_mnist_is_identified_and_loads_beside_mnist(tmp_path, mnist_dir):
+    """Each dataset in its own torchvision folder under one data_dir, as a campaign of both needs."""
+    assert nm.identified_dataset(nm.read_idx(FASHION_DIR / nm.IDX_FILES["train_labels"])) == "fashion_mnist"
+    _link_files(mnist_dir, tmp_path / "MNIST" / "raw")
+    _link_files(FASHION_DIR, tmp_path / "FashionMNIST" / "raw")
+    mnist, fashion = (nm.load_dataset(name, tmp_path, download=False) for name in ("mnist", "fashion_mnist"))
+    assert mnist.train_labels[:10].tolist() == TRAIN_FIRST_LABELS
+    assert fashion.train_labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+
+
+def test_another_datasets_files_are_refused(tmp_path, mnist_dir):
+    """MNIST's files, which have Fashion-MNIST's names, are never trained on as Fashion-MNIST."""
+    _link_files(mnist_dir, tmp_path)
+    with pytest.raises(nm.DataFileError) as info:
+        nm.load_dataset("fashion_mnist", tmp_path, download=False)
+    assert str(info.value).startswith(f"{tmp_path} holds mnist, not fashion_mnist: ")
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(info.value)
+
+
+def test_a_campaign_of_both_datasets_in_one_flat_folder_stops_before_it_starts(tmp_path, mnist_dir):
+    from conftest import run_main
+
+    out = tmp_path / "out"
+    code, _, stderr = run_main(["--smoke", "--datasets", "mnist,fashion_mnist", "--data_dir", str(mnist_dir),
+                                "--output_dir", str(out)])
+    assert code == 2 and not out.exists()
+    assert stderr == (f"error: data_dir: {mnist_dir} holds mnist, not fashion_mnist: put fashion_mnist's four files "
+                      f"into {mnist_dir / 'FashionMNIST' / 'raw'}/ (with several datasets, each in its own folder "
+                      "there), or set data_dir to where they are\n")

@@ -592,7 +592,7 @@ def test_training_batches_carry_the_noise_of_corrupt_pixels(kind, mnist_train_im
         assert torch.equal(source.cdf, mnist_cdf)
     clean = mnist_train_images[INDICES].float() / 255
     expected = corrupt_pixels(clean, 0.4, make_generator(5, "pixel_noise"), quantiles_of(kind, mnist_cdf))
-    mean, std = nm.NORMALIZATION["mnist"]
+    mean, std = registry.DATASETS["mnist"].mean, registry.DATASETS["mnist"].std
     batch = source.batch(INDICES)
     assert torch.allclose(batch, (expected - mean) / std, rtol=0, atol=1e-5)
     assert not torch.allclose(batch, (clean - mean) / std, rtol=0, atol=1e-3)
