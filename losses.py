@@ -110,7 +110,7 @@ LOSSES: dict[str, Loss] = {
 
 def _finite_number(name: str, setting: str, value) -> float:
     try:
-        number = float(value)
+        number = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     _require(math.isfinite(number), f"loss {name!r} setting {setting}={value!r} is not a finite number")

@@ -198,8 +198,8 @@ RULES = {
     "weight_decay": (lambda v: rs.is_number(v) and 0 <= v <= sys.float_info.max, "a number >= 0"),
     "validation_fraction": (lambda v: rs.is_number(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "stalled_run_factor": (lambda v: rs.is_number(v) and 2 <= v <= sys.float_info.max, "a number >= 2"),
-    "hidden_sizes": (lambda v: isinstance(v, list) and all(integer_at_least_1(h) for h in v),
-                     "a list of integers >= 1 (a list of such lists for several)"),
+    "hidden_sizes": (lambda v: isinstance(v, list) and v and all(integer_at_least_1(h) for h in v),
+                     "a non-empty list of integers >= 1 (a list of such lists for several)"),
     **{name: (lambda v: isinstance(v, bool), "true or false")
        for name in ("normalize", "pin_cpus", "retry_failed", "use_cuda", "allow_oversubscription")},
     **{name: (lambda v: isinstance(v, str) and v.strip(), "a non-empty path") for name in ("output_dir", "data_dir")},
@@ -212,11 +212,9 @@ def config_errors(config: dict) -> list[str]:
     for name, (check, allowed) in RULES.items():
         allowed = allowed() if callable(allowed) else allowed
         values = axis_values(config, name) if name in AXES or name == "extra_label_ps" else [config[name]]
-        if not values and name != "extra_label_ps":  # a list that is no axis of its own, and may be empty
-            errors.append(f"{name} is empty; give at least one value: {allowed}")
         errors += [f"{name}: {v!r} is not {allowed}" for v in values if not check(v)]
-        errors += [f"{name}: {v} appears more than once; give each value once"
-                   for v, n in Counter(map(repr, values)).items() if n > 1]
+        if values or name != "extra_label_ps":  # a list that is no axis of its own, and may be empty
+            errors += list_errors(name, values, allowed)
     errors = errors or loss_settings_errors(config)
     if errors:  # the checks below build on valid values
         return errors
@@ -283,6 +281,14 @@ def output_dir_errors(output_dir: str) -> list[str]:
     return []
 
 
+def list_errors(name: str, values: list, allowed: str) -> list[str]:
+    """An axis's values must be given, each once."""
+    if not values:
+        return [f"{name} is empty; give at least one value: {allowed}"]
+    return [f"{name}: {v} appears more than once; give each value once"
+            for v, n in Counter(map(repr, values)).items() if n > 1]
+
+
 def loss_settings_errors(config: dict) -> list[str]:
     """Problems with loss_settings: a dict by loss of the grid, of that loss's settings, in their ranges."""
     settings, grid_losses = config["loss_settings"], axis_values(config, "losses")
@@ -291,8 +297,9 @@ def loss_settings_errors(config: dict) -> list[str]:
     if unknown := [loss for loss in settings if loss not in grid_losses]:
         return [f"loss_settings: {loss!r} is not one of the grid's losses: {', '.join(map(str, grid_losses))}"
                 for loss in unknown]
-    errors = []
-    for loss, variant in loss_variants(config):
+    errors = [error for loss, given in settings.items() for name in given
+              for error in list_errors(f"loss_settings: {loss}'s {name}", axis_values(given, name), "a number")]
+    for loss, variant in loss_variants(config) if not errors else []:
         try:
             loss_function(loss, dict(variant), nm.torch.eye(registry.NUM_CLASSES))
         except ValueError as exc:
