@@ -474,13 +474,17 @@ def varying_settings(config: dict) -> list[str]:
     return [AXES[name] for name in AXES if name not in named and len(axis_values(config, name)) > 1]
 
 
-def run_name(run: dict, varying=()) -> str:
-    """How every line names a run (config fields as records store them): model/activation, noise, its loss but
-    ce, p, the `varying` settings and the repeat."""
+def point_name(run: dict, varying=()) -> str:
+    """How every line names a grid point (config fields as records store them): model/activation, noise, its loss
+    but ce, p and the `varying` settings."""
     loss = f" loss={' '.join(filter(None, [run['loss'], run['loss_settings']]))}" if run["loss"] != "ce" else ""
     settings = "".join(f" {name}={run[name]}" for name in varying)
-    return (f"{run['model_type']}/{run['activation']} {run['noise_type']}{loss} p={run['p']:.2f}{settings} "
-            f"r{run['repeat']}")
+    return f"{run['model_type']}/{run['activation']} {run['noise_type']}{loss} p={run['p']:.2f}{settings}"
+
+
+def run_name(run: dict, varying=()) -> str:
+    """A run: its grid point and its repeat."""
+    return f"{point_name(run, varying)} r{run['repeat']}"
 
 
 def spec_name(spec: RunSpec, varying=()) -> str:
@@ -714,12 +718,15 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     failed = [r for r in campaign.records.values() if r["status"] in ("failed", "diverged")]
     for record in failed:
         campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record, campaign.varying)}")
+    target = campaign.target
+    if capped := [p for p, n in campaign.planned.items() if n >= target.max_repeats] if target else []:
+        campaign.say(f"{len(capped)} grid point(s) reached max_repeats = {target.max_repeats} before the 95% "
+                     f"interval of their mean test accuracy was within +-{target.half_width:g}:")
+    for point in capped:
+        campaign.say(f"  {point_name(stored_config(point), campaign.varying)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
                  f"headline figures: {out}/figures/; log: {out}/campaign.log")
     campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
-    capped = [p for p, n in campaign.planned.items() if n >= campaign.target.max_repeats] if campaign.target else []
-    for point in capped:
-        campaign.say(f"  reached max_repeats: {point.model_type}/{point.activation} {point.noise_type} p={point.p:g}")
     if ending == "interrupted":
         campaign.say("Interrupted. Every finished run is saved; run the same command again to resume.")
         return 130

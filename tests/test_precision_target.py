@@ -198,8 +198,10 @@ def test_targeted_campaign_meets_its_target_or_the_cap_with_fewer_runs(mnist_dir
     for _, repeats in runs.groupby("p")["repeat"]:  # the next repeat indices: seeds stay paired across p
         assert sorted(repeats) == list(range(len(repeats)))
     capped = summary[~summary["target_met"]]
+    if len(capped):
+        assert f"{len(capped)} grid point(s) reached max_repeats = 10 before the 95% interval" in stdout
     for p in capped["p"]:
-        assert f"reached max_repeats: mlp/relu label_flip p={p:g}" in stdout
+        assert f"\n  mlp/relu {'label_flip' if p else 'none'} p={p:.2f}\n" in stdout
     code, stdout, _ = run_main(argv)
     assert code == 0 and "0 to run" in stdout
 
