@@ -338,13 +338,17 @@ def training_loss(cfg: TrainConfig, run: RunData, device: torch.device) -> tuple
 def estimated_transition(cfg: TrainConfig, run: RunData, device: torch.device) -> torch.Tensor:
     """forward_estimated's first stage: a model trained with cross-entropy for estimate_epochs, whose softmax
     outputs on the training images give T by Patrini's anchor rule (docs/losses.md)."""
-    settings = dict(cfg.loss_settings)
     model, optimizer, order_generator = seeded_model(cfg, device)
-    for _ in range(int(settings["estimate_epochs"])):
+    for _ in range(first_stage_epochs(cfg)):
         train_one_epoch(model, optimizer, run.source, run.labels, cfg.batch_size, order_generator, run.train_indices,
                         precision=cfg.precision)
     probabilities = torch.softmax(predict(model, run.source, run.train_indices).float(), 1)
-    return losses.estimate_transition(probabilities, settings["percentile"])
+    return losses.estimate_transition(probabilities, dict(cfg.loss_settings)["percentile"])
+
+
+def first_stage_epochs(cfg: TrainConfig) -> int:
+    """The epochs forward_estimated trains its first model for, before the run's own training (0 for the others)."""
+    return int(dict(cfg.loss_settings)["estimate_epochs"]) if cfg.loss == "forward_estimated" else 0
 
 
 def training_precision(precision: str, device: torch.device):

@@ -769,7 +769,8 @@ def calibrate(cfg: registry.TrainConfig) -> tuple[float, float]:
 
 
 def estimate_seconds(specs: list[RunSpec]) -> list[float]:
-    """Estimated seconds of each run, calibrating once per kind (model, batch, pixel noise or not, ...)."""
+    """Estimated seconds of each run (forward_estimated's first model included), calibrating once per kind (model,
+    batch, pixel noise or not, ...)."""
     rates, estimates = {}, []
     for spec in specs:
         cfg = spec.config
@@ -779,7 +780,8 @@ def estimate_seconds(specs: list[RunSpec]) -> list[float]:
             dataset_size = len(nm.load_dataset(cfg.dataset, cfg.data_dir).train_labels)
             rates[kind] = (*calibrate(cfg), min(cfg.max_train_samples or dataset_size, dataset_size))
         samples_per_second, fixed, n_train = rates[kind]
-        estimates.append(cfg.epochs * (n_train / samples_per_second + fixed))
+        estimates.append(cfg.epochs * (n_train / samples_per_second + fixed)
+                         + nm.first_stage_epochs(cfg) * n_train / samples_per_second)
     return estimates
 
 

@@ -662,6 +662,11 @@ def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
     # all samples: the dataset's size
     full = rx.build_grid(config_of("--smoke", "--max_train_samples", "none", "--data_dir", str(mnist_dir)))
     assert rx.estimate_seconds(full[:1]) == [pytest.approx(60_000 / 1000.0 + 2.0)]
+    # forward_estimated also trains its first model, for estimate_epochs (here 4) without the per-epoch evaluation
+    estimated = rx.build_grid(config_of("--smoke", "--epochs", "3", "--noise_types", "label_flip", "--data_dir",
+                                        str(mnist_dir), "--losses", "forward_estimated",
+                                        "--loss_settings", "{'forward_estimated': {'estimate_epochs': 4}}"))
+    assert rx.estimate_seconds(estimated[:1]) == [pytest.approx(3 * (2000 / 1000.0 + 2.0) + 4 * 2000 / 1000.0)]
 
 
 @pytest.mark.parametrize("use_cuda, where", [(False, "on 1 thread(s)"), (True, "on the GPU")])
