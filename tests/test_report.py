@@ -119,6 +119,23 @@ def test_the_report_of_a_large_grid_draws_too_wide_figures_once_per_value(tmp_pa
     assert "would have 60 panels" in html and "Traceback" not in html
 
 
+@pytest.mark.slow
+def test_the_report_of_a_slice_leaves_the_whole_grids_figures_as_they_are(tmp_path):
+    """Two learning rates: plots.py draws both into figures/, a panel row each; the report shows the slice of the
+    first and saves its figures in a folder of their own beside them."""
+    from matplotlib.image import imread
+
+    records = [r for rate in (0.001, 0.01) for r in grid_records(("relu",), ("label_flip",), learning_rate=rate)]
+    directory = campaign(tmp_path / "campaign", records)
+    report = subprocess.run([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    sliced = directory / "figures" / "slice__learning_rate=0.001"
+    assert f"their figures saved in {sliced}/" in (directory / "report.html").read_text()
+    heights = [imread(folder / "fig1_accuracy_vs_p.png").shape[0] for folder in (directory / "figures", sliced)]
+    assert heights[0] > 1.5 * heights[1]  # the whole grid's two rows of panels, the slice's one
+
+
 def test_a_report_whose_notebook_fails_says_so_in_one_line(tmp_path, monkeypatch):
     """A broken campaign beside the one reported (a summary without its per-run CSV) fails a cell: one line naming
     the error, exit code 1, the previous report.html kept."""
