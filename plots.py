@@ -46,6 +46,7 @@ MAX_PANELS = 48  # a figure with more is drawn once per value of a varying setti
 OVER_SEEDS = " (mean ± standard error over seeds)"
 PANEL_SIZE = (3.4, 2.5)  # inches
 DPI = 110
+CELL_TIMEOUT = 600  # seconds a cell of the report's notebook may run
 STYLE = {"font.size": 8.5, "axes.titlesize": 9, "legend.fontsize": 8, "axes.grid": True, "grid.alpha": 0.3}
 
 
@@ -661,11 +662,12 @@ def without_reference_prose(notebook, output_dir: Path):
 
 def write_report(output_dir: Path) -> Path:
     """Execute analysis.ipynb on the campaign in `output_dir` and save it as output_dir/report.html."""
+    import atexit
     import tempfile
 
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
     from nbconvert import HTMLExporter
     from traitlets.config import Config
     notebook = without_reference_prose(nbformat.read(NOTEBOOK, as_version=4), Path(output_dir))
@@ -673,13 +675,20 @@ def write_report(output_dir: Path) -> Path:
     # the kernel talks over Unix sockets (IPC), not unencrypted TCP; their names start with this absolute path
     sockets = f"{tempfile.gettempdir()}/report-kernel-{os.getpid()}"
     ipc = Config({"KernelManager": {"transport": "ipc", "ip": sockets}})
-    client = NotebookClient(notebook, timeout=600, shutdown_kernel="immediate", config=ipc,
+    client = NotebookClient(notebook, timeout=CELL_TIMEOUT, shutdown_kernel="immediate", config=ipc,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     try:
         run_interruptibly(client.async_execute())
     except CellExecutionError as exc:
         raise ReportError(f"analysis.ipynb failed on {output_dir}: {exc.ename}: {' '.join(exc.evalue.split())} "
                           "(the figures are drawn; report.html is unchanged)") from None
+    except Exception as exc:  # of the kernel: killed or out of memory (at start or later), or a cell past the timeout
+        atexit.unregister(client._cleanup_kernel)  # left registered by a kernel that failed to start: it fails at exit
+        what = (f"a cell ran for more than {CELL_TIMEOUT} s" if isinstance(exc, CellTimeoutError) else
+                f"its kernel stopped ({' '.join(str(exc).split())[:120] or type(exc).__name__}; killed, or out of "
+                "memory?)")
+        raise ReportError(f"analysis.ipynb stopped on {output_dir}: {what}; the figures are drawn and report.html "
+                          "is unchanged: run the same command again") from None
     html = HTMLExporter().from_notebook_node(notebook)[0]
     return rs.atomic_write(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
 

@@ -1,4 +1,5 @@
 """The researcher's path after a campaign: the report, and a checkout that stays clean."""
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,36 @@ def test_a_signal_ends_the_report_quietly_and_its_kernel_too(tmp_path, signum):
     assert not (directory / "report.html").exists() and not list(directory.rglob(".*.tmp"))
     [kernel] = kernels
     assert not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_a_killed_kernel_ends_the_report_in_one_line(tmp_path, when):
+    """The notebook's kernel killed (as the OOM killer would) as it starts, or once it runs cells (it has redrawn
+    the first figure): exit code 1, one line that says what to do, no report.html."""
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_uniform", "pixel_uniform")))
+    report = subprocess.Popen([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (kernels := [p for p in psutil.Process(report.pid).children(recursive=True)
+                               if "ipykernel_launcher" in " ".join(p.cmdline())]):
+            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
+            time.sleep(0.05)
+        first_figure = directory / "figures" / "fig3_label_vs_pixel.png"
+        drawn_by_plots = first_figure.stat().st_ino
+        while when == "running" and first_figure.stat().st_ino == drawn_by_plots:  # the notebook replaces it
+            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
+            time.sleep(0.05)
+        kernels[0].kill()
+        _, stderr = report.communicate(timeout=120)
+    finally:
+        if report.poll() is None:
+            report.kill()
+    assert report.returncode == 1
+    assert re.fullmatch(f"error: analysis.ipynb stopped on {re.escape(str(directory))}: its kernel stopped "
+                        r"\(Kernel died[^\n]*; killed, or out of memory\?\); the figures are drawn and report.html is "
+                        "unchanged: run the same command again\n", stderr), stderr
+    assert not (directory / "report.html").exists()
 
 
 @pytest.mark.slow
