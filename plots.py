@@ -697,6 +697,7 @@ def main(argv=None) -> int:
     import signal
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends it as Ctrl-C does
+    rs.plain_warnings()
     parser = argparse.ArgumentParser(description="Redraw every figure of a campaign into OUTPUT_DIR/figures/.")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--report", action="store_true",
@@ -712,7 +713,7 @@ def main(argv=None) -> int:
             paths.append(write_report(args.output_dir))
     except KeyboardInterrupt:
         return 130
-    except ReportError as exc:
+    except (ReportError, rs.BrokenCSVError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

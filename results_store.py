@@ -42,6 +42,14 @@ PAIR_FIELDS = [name for name in GROUP_FIELDS if name not in ("p", "noise_type", 
 DELTA_METRICS = ["test_accuracy", "test_loss"]
 STATUSES = ("ok", "failed", "diverged", "not_identifiable")
 RELIABILITY_FIELDS = ["count", "confidence", "accuracy"]
+# The columns each CSV is read by.
+KEY_COLUMNS = {PER_RUN_CSV: ["run_id", "status", *GROUP_FIELDS], SUMMARY_CSV: ["n", *GROUP_FIELDS],
+               HISTORY_CSV: ["run_id", "epoch"], RELIABILITY_CSV: ["run_id", "epochs", "bin", *RELIABILITY_FIELDS]}
+
+
+def plain_warnings() -> None:
+    """Warnings print as one line, "warning: ...", without the file, line and source that raised them."""
+    warnings.formatwarning = lambda message, *rest, **kwargs: f"warning: {message}\n"
 
 
 def atomic_write(path: Path, write) -> Path:
@@ -396,15 +404,27 @@ def read_results(output_dir: str | Path) -> Results:
                    reliability=pool_reliability(reliability))
 
 
+class BrokenCSVError(ValueError):
+    """A results CSV that cannot be read as this module writes it."""
+
+
+REWRITE = "rewrite it from the stored runs with the campaign's command (it runs nothing that is done)"
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     """A CSV of this module, run ids read as text so that every table agrees on their type."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
     if not ends_with_newline(path):  # written whole, a CSV ends with one
-        warnings.warn(f"{path} ends in the middle of a line: it is truncated. Rewrite it from the stored runs "
-                      "with the campaign's command (it runs nothing that is done)")
-    return pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str,
-                                   "estimated_transition": str})
+        warnings.warn(f"{path} ends in the middle of a line: it is truncated; {REWRITE}")
+    try:
+        table = pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str,
+                                        "estimated_transition": str})
+    except ValueError as exc:  # not a CSV, or not text
+        raise BrokenCSVError(f"{path} cannot be read ({' '.join(str(exc).split())[:120]}): {REWRITE}") from None
+    if missing := [column for column in KEY_COLUMNS.get(path.name, []) if column not in table]:
+        raise BrokenCSVError(f"{path} lacks the columns {', '.join(missing[:5])}: {REWRITE}")
+    return table
 
 
 def ends_with_newline(path: Path) -> bool:

@@ -70,7 +70,6 @@ import re
 import subprocess
 import time
 import traceback
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -834,7 +833,7 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    warnings.formatwarning = lambda message, *rest, **kwargs: f"warning: {message}\n"  # no file, line or source
+    rs.plain_warnings()
     config, args = config_from_args(argv)
     try:
         validate(config)

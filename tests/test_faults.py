@@ -301,6 +301,32 @@ def test_plots_py_prints_that_a_csv_is_truncated(truncated):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("name, content, problem", [
+    (rs.SUMMARY_CSV, b'garbage,"unclosed\n1,2\n', "cannot be read (Error tokenizing data."),
+    (rs.HISTORY_CSV, b"\xff\xfe\x00garbage\n", "cannot be read ('utf-8' codec can't decode byte 0xff"),
+    (rs.RELIABILITY_CSV, b"", "cannot be read (No columns to parse from file)"),
+    (rs.PER_RUN_CSV, b"a,b\n1,2\n", "lacks the columns run_id, status, dataset, model_type, activation:"),
+])
+def test_a_broken_csv_is_named_with_what_to_do(finished_copy, name, content, problem):
+    path = finished_copy / name
+    path.write_bytes(content)
+    with pytest.raises(rs.BrokenCSVError) as info:
+        rs.read_results(finished_copy)
+    assert str(info.value).startswith(f"{path} {problem}") and str(info.value).endswith(rs.REWRITE)
+
+
+def test_plots_py_names_a_broken_csv_and_the_campaign_command_rewrites_it(finished_copy, mnist_dir):
+    path = finished_copy / rs.HISTORY_CSV
+    path.write_bytes(b"\x00\x01\x02\n")
+    done = subprocess.run([sys.executable, "plots.py", str(finished_copy)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: {path} lacks the columns run_id, epoch: {rs.REWRITE}\n"
+    code, stdout, _ = run_main(tiny_argv(finished_copy, mnist_dir))
+    assert code == 0 and "0 to run" in stdout
+    assert len(rs.read_results(finished_copy).curves)
+
+
 # ================================================================ figures and tables
 
 
