@@ -1,4 +1,5 @@
 """The researcher's path after a campaign: the report, and a checkout that stays clean."""
+import contextlib
 import re
 import signal
 import subprocess
@@ -56,27 +57,38 @@ def test_readme_smoke_command_leaves_a_clean_checkout_clean(mnist_dir, tmp_path)
     assert status.stdout == ""
 
 
+def wait_until(condition, process: subprocess.Popen, seconds: float = 180):
+    """Poll `condition()` until it returns something true, and return that, while `process` runs."""
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return result
+
+
+@contextlib.contextmanager
+def report_and_its_kernel(directory: Path):
+    """`plots.py DIR --report` running, and its notebook kernel process once it has started; killed if left."""
+    report = subprocess.Popen([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield report, wait_until(lambda: [p for p in psutil.Process(report.pid).children(recursive=True)
+                                          if "ipykernel_launcher" in " ".join(p.cmdline())], report)[0]
+    finally:
+        if report.poll() is None:
+            report.kill()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ends_the_report_quietly_and_its_kernel_too(tmp_path, signum):
     """Ctrl-C or SIGTERM while the notebook runs: exit code 130, no traceback, no kernel left,
     and no report.html, whole or partial."""
     directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_uniform",)))
-    report = subprocess.Popen([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (kernels := [p for p in psutil.Process(report.pid).children(recursive=True)
-                               if "ipykernel_launcher" in " ".join(p.cmdline())]):
-            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
-            time.sleep(0.05)
+    with report_and_its_kernel(directory) as (report, kernel):
         report.send_signal(signum)
         stdout, stderr = report.communicate(timeout=120)
-    finally:
-        if report.poll() is None:
-            report.kill()
     assert report.returncode == 130 and stderr == "", stderr
     assert not (directory / "report.html").exists() and not list(directory.rglob(".*.tmp"))
-    [kernel] = kernels
     assert not kernel.is_running() or kernel.status() == psutil.STATUS_ZOMBIE
 
 
@@ -85,24 +97,13 @@ def test_a_killed_kernel_ends_the_report_in_one_line(tmp_path, when):
     """The notebook's kernel killed (as the OOM killer would) as it starts, or once it runs cells (it has redrawn
     the first figure): exit code 1, one line that says what to do, no report.html."""
     directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_uniform", "pixel_uniform")))
-    report = subprocess.Popen([sys.executable, "plots.py", str(directory), "--report"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (kernels := [p for p in psutil.Process(report.pid).children(recursive=True)
-                               if "ipykernel_launcher" in " ".join(p.cmdline())]):
-            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
-            time.sleep(0.05)
-        first_figure = directory / "figures" / "fig3_label_vs_pixel.png"
+    first_figure = directory / "figures" / "fig3_label_vs_pixel.png"
+    with report_and_its_kernel(directory) as (report, kernel):
         drawn_by_plots = first_figure.stat().st_ino
-        while when == "running" and first_figure.stat().st_ino == drawn_by_plots:  # the notebook replaces it
-            assert report.poll() is None and time.monotonic() < deadline, report.communicate()
-            time.sleep(0.05)
-        kernels[0].kill()
+        if when == "running":  # the notebook replaces the figure
+            wait_until(lambda: first_figure.stat().st_ino != drawn_by_plots, report)
+        kernel.kill()
         _, stderr = report.communicate(timeout=120)
-    finally:
-        if report.poll() is None:
-            report.kill()
     assert report.returncode == 1
     assert re.fullmatch(f"error: analysis.ipynb stopped on {re.escape(str(directory))}: its kernel stopped "
                         r"\(Kernel died[^\n]*; killed, or out of memory\?\); the figures are drawn and report.html is "
