@@ -146,7 +146,8 @@ def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> D
         paths = {name: _find_idx_file(raw_dir, f) for name, f in IDX_FILES.items()}
         arrays = {name: read_idx(path) for name, path in paths.items()}
         if (found := identified_dataset(arrays["train_labels"])) not in (None, dataset):
-            raise DataFileError(f"{raw_dir} holds {found}, not {dataset}: put {dataset}'s four files into "
+            raise DataFileError(f"{raw_dir} holds {found}, not {dataset}: to train on {found}, name it in datasets; "
+                                f"for {dataset}, put its four files into "
                                 f"{Path(data_dir) / registry.DATASETS[dataset].folder / 'raw'}/ (with several "
                                 "datasets, each in its own folder there), or set data_dir to where they are")
         _DATASET_CACHE[key] = Dataset(*split_tensors(paths, arrays, "train"), *split_tensors(paths, arrays, "test"))

@@ -455,6 +455,6 @@ def test_a_campaign_of_both_datasets_in_one_flat_folder_stops_before_it_starts(t
     code, _, stderr = run_main(["--smoke", "--datasets", "mnist,fashion_mnist", "--data_dir", str(mnist_dir),
                                 "--output_dir", str(out)])
     assert code == 2 and not out.exists()
-    assert stderr == (f"error: data_dir: {mnist_dir} holds mnist, not fashion_mnist: put fashion_mnist's four files "
-                      f"into {mnist_dir / 'FashionMNIST' / 'raw'}/ (with several datasets, each in its own folder "
-                      "there), or set data_dir to where they are\n")
+    assert stderr == (f"error: data_dir: {mnist_dir} holds mnist, not fashion_mnist: to train on mnist, name it in "
+                      f"datasets; for fashion_mnist, put its four files into {mnist_dir / 'FashionMNIST' / 'raw'}/ "
+                      "(with several datasets, each in its own folder there), or set data_dir to where they are\n")
