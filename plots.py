@@ -684,11 +684,14 @@ def write_report(output_dir: Path) -> Path:
                           "(the figures are drawn; report.html is unchanged)") from None
     except Exception as exc:  # of the kernel: killed or out of memory (at start or later), or a cell past the timeout
         atexit.unregister(client._cleanup_kernel)  # left registered by a kernel that failed to start: it fails at exit
-        what = (f"a cell ran for more than {CELL_TIMEOUT} s" if isinstance(exc, CellTimeoutError) else
-                f"its kernel stopped ({' '.join(str(exc).split())[:120] or type(exc).__name__}; killed, or out of "
-                "memory?)")
-        raise ReportError(f"analysis.ipynb stopped on {output_dir}: {what}; the figures are drawn and report.html "
-                          "is unchanged: run the same command again") from None
+        stopped = f"analysis.ipynb stopped on {output_dir}"
+        if isinstance(exc, CellTimeoutError):
+            raise ReportError(f"{stopped}: a cell ran for more than {CELL_TIMEOUT} s; report.html is unchanged. For "
+                              "a grid this large, choose a slice (SLICE in the notebook's first cell) or raise "
+                              "plots.CELL_TIMEOUT") from None
+        raise ReportError(f"{stopped}: its kernel stopped ({' '.join(str(exc).split())[:120] or type(exc).__name__}; "
+                          "killed, or out of memory?); the figures are drawn and report.html is unchanged: run the "
+                          "same command again") from None
     html = HTMLExporter().from_notebook_node(notebook)[0]
     return rs.atomic_write(Path(output_dir) / "report.html", lambda tmp: tmp.write_text(html))
 

@@ -111,6 +111,25 @@ def test_a_killed_kernel_ends_the_report_in_one_line(tmp_path, when):
     assert not (directory / "report.html").exists()
 
 
+def test_a_cell_past_the_timeout_ends_the_report_in_one_line(tmp_path, monkeypatch):
+    import nbformat
+
+    import plots
+
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_uniform",)))
+    slow = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import time\ntime.sleep(60)")])
+    nbformat.write(slow, tmp_path / "slow.ipynb")
+    monkeypatch.setattr(plots, "NOTEBOOK", tmp_path / "slow.ipynb")
+    monkeypatch.setattr(plots, "CELL_TIMEOUT", 1)
+    monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(directory))  # which write_report sets: restored after the test
+    with pytest.raises(plots.ReportError) as info:
+        plots.write_report(directory)
+    assert str(info.value) == (f"analysis.ipynb stopped on {directory}: a cell ran for more than 1 s; report.html is "
+                               "unchanged. For a grid this large, choose a slice (SLICE in the notebook's first cell) "
+                               "or raise plots.CELL_TIMEOUT")
+    assert not (directory / "report.html").exists()
+
+
 @pytest.mark.slow
 def test_the_report_of_another_campaign_carries_no_reference_prose(tmp_path):
     """Its figures and tables are that campaign's; each piece of prose about the reference results is one note."""
