@@ -760,8 +760,10 @@ def preflight_check(config: dict) -> int:
 
 # ---------------------------------------------------------------- dry run
 def calibrate(cfg: registry.TrainConfig) -> tuple[float, float]:
-    """(samples per second, other seconds per epoch) of a kind of run: the faster of two one-epoch runs."""
-    one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024)
+    """(samples per second, other seconds per epoch) of a kind of run: the faster of two one-epoch runs, with
+    cross-entropy (the other losses cost about as much a step; forward_estimated's first model is counted apart)."""
+    one_epoch = dataclasses.replace(cfg, epochs=1, max_train_samples=8192 if cfg.model_type == "mlp" else 1024,
+                                    loss="ce", loss_settings=())
     nm.train_and_evaluate(dataclasses.replace(one_epoch, max_train_samples=256))
     best = min((nm.train_and_evaluate(one_epoch) for _ in range(2)), key=lambda result: result["seconds"])
     return one_epoch.max_train_samples / best["train_seconds"], best["seconds"] - best["train_seconds"]

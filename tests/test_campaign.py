@@ -690,6 +690,21 @@ def test_calibrate_splits_training_from_the_rest(mnist_dir):
     assert rate > 0 and other_seconds > 0
 
 
+def test_calibrate_trains_with_cross_entropy_whatever_the_loss(monkeypatch):
+    """forward_estimated's first model would otherwise count as per-epoch time (estimate_seconds adds it apart)."""
+    trained = []
+
+    def fake_run(cfg):
+        trained.append(cfg)
+        return {"seconds": 3.0, "train_seconds": 2.0}
+
+    monkeypatch.setattr(rx.nm, "train_and_evaluate", fake_run)
+    kind = registry.TrainConfig(loss="forward_estimated", loss_settings=(("estimate_epochs", 5.0),
+                                                                         ("percentile", 97.0)), epochs=30)
+    assert rx.calibrate(kind) == (8192 / 2.0, 1.0)
+    assert {(cfg.loss, cfg.loss_settings, cfg.epochs) for cfg in trained} == {("ce", (), 1)}
+
+
 def test_dry_run_with_a_numeric_output_dir(mnist_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [1.0] * len(specs))
