@@ -6,11 +6,17 @@ figure without data is None. Bare Agg Figures (never pyplot): drawing leaves no 
 """
 from __future__ import annotations
 
+import signal
+import sys
+
+STARTUP_INTERRUPTS: list[int] = []  # Ctrl-C while the libraries load: noted, and acted on once main() starts
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: STARTUP_INTERRUPTS.append(signum))
+
 import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -611,7 +617,6 @@ def run_interruptibly(coroutine) -> None:
     the kernel is shut down) and raises KeyboardInterrupt. The loop refuses signal handlers: nbclient would take
     both signals over and end in a traceback."""
     import asyncio
-    import signal
 
     class SignalsStayHere(asyncio.SelectorEventLoop):
         def add_signal_handler(self, *args):
@@ -697,16 +702,17 @@ def write_report(output_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    import signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends it as Ctrl-C does
-    rs.plain_warnings()
     parser = argparse.ArgumentParser(description="Redraw every figure of a campaign into OUTPUT_DIR/figures/.")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--report", action="store_true",
                         help="also render analysis.ipynb as OUTPUT_DIR/report.html")
-    args = parser.parse_args(argv)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends it as Ctrl-C does
+        if STARTUP_INTERRUPTS:
+            raise KeyboardInterrupt
+        rs.plain_warnings()
+        args = parser.parse_args(argv)
         runs = rs.read_csv(args.output_dir / rs.PER_RUN_CSV)
         if not (runs["status"] == "ok").any():
             parser.exit(2, f"no finished run in {args.output_dir}/{rs.PER_RUN_CSV} (none has finished yet, or all "

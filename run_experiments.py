@@ -52,8 +52,10 @@ CONFIG_NAMES = [name for name in dict(globals()) if not name.startswith("_") and
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load ends quietly; main() handles it from then on
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+STARTUP_INTERRUPTS: list[int] = []  # Ctrl-C while the libraries load: noted, and acted on once main() starts
+
+if __name__ == "__main__":  # not raised at once: an exception in a handler run inside torch's C++ import aborts
+    signal.signal(signal.SIGINT, lambda signum, frame: STARTUP_INTERRUPTS.append(signum))
 
 import argparse
 import ast
@@ -834,10 +836,12 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    rs.plain_warnings()
-    config, args = config_from_args(argv)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if STARTUP_INTERRUPTS:
+            raise KeyboardInterrupt
+        rs.plain_warnings()
+        config, args = config_from_args(argv)
         validate(config)
         if args.check:
             return preflight_check(config)

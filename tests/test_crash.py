@@ -24,7 +24,7 @@ import nnet_models as nm
 import registry
 import results_store as rs
 import run_experiments as rx
-from conftest import TINY_RUNS, per_run_lines, run_files, run_main, snapshot, tiny_argv
+from conftest import TINY_RUNS, campaign, grid_records, per_run_lines, run_files, run_main, snapshot, tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -432,6 +432,46 @@ def test_sigint_during_start_up_ends_it_quietly(mnist_dir, tmp_path, after):
     os.killpg(campaign.pid, signal.SIGINT)
     output, _ = campaign.communicate(timeout=120)
     assert campaign.returncode == 130 and "Traceback" not in output, output
+
+
+INTERRUPTED_WHILE_IMPORTING = """
+import importlib.abc, os, runpy, signal, sys
+script, module = sys.argv.pop(1), sys.argv.pop(1)
+
+class Interrupt(importlib.abc.MetaPathFinder):  # Ctrl-C as the script starts to import `module`
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv[0] = script
+sys.path.insert(0, os.getcwd())
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def interrupted_while_importing(script: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", INTERRUPTED_WHILE_IMPORTING, script, module, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sigint_while_the_libraries_load_is_acted_on_once_they_have(mnist_dir, tmp_path):
+    """Not raised in the signal handler: one raised while torch's C++ code imports modules aborts the process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'") or is lost."""
+    out = tmp_path / "out"
+    done = interrupted_while_importing("run_experiments.py", "nnet_models", "--smoke", "--data_dir", str(mnist_dir),
+                                       "--output_dir", str(out))
+    assert done.returncode == 130 and done.stdout == ""
+    assert done.stderr == "Interrupted before the campaign started; nothing was run.\n"
+    assert not out.exists()
+
+
+def test_sigint_while_plots_py_loads_its_libraries_ends_it_quietly(tmp_path):
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip",)))
+    done = interrupted_while_importing("plots.py", "results_store", str(directory))
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+    assert not (directory / "figures").exists()
 
 
 # ================================================================ corrupt records
