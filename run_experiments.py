@@ -156,7 +156,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                         help="print the grid's size and an estimated wall time and memory, run nothing")
     parser.add_argument("--check", action="store_true",
                         help="check that each training set-up can fit 100 clean examples, run nothing else")
-    parser.add_argument("--list", action="store_true", help="with --dry-run: also list every run of the grid")
+    parser.add_argument("--list", action="store_true", help="the dry run, and every run of the grid listed")
     parser.add_argument("--fresh", action="store_true", help="move existing results in output_dir aside and start over")
     return parser
 
@@ -845,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(config)
         if args.check:
             return preflight_check(config)
-        if args.dry_run:
+        if args.dry_run or args.list:
             print_dry_run(config, args.list)
             return 0
         return run_campaign(config, fresh=args.fresh)

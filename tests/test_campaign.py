@@ -624,7 +624,7 @@ def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeyp
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # nothing at all in the working directory either
 
-    code, printed, _ = run_main([*argv, "--list"])
+    code, printed, _ = run_main([*argv[1:], "--list"])  # a dry run without --dry-run: the list runs nothing
     assert code == 0
     listed = [line for line in printed.splitlines() if line.split(" ")[0] in {s.run_id for s in specs}]
     assert len(listed) == 20
