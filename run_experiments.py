@@ -669,13 +669,11 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         campaign.write_metadata()
         if note := not_identifiable_note(specs):
             campaign.say(note)
-        where = (f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
-                 if config["executor"] == "local" else f"the Dask cluster at {config['dask_scheduler']}")
         done = campaign.metadata["counts"]["done"]
         given_up = len(specs) - len(todo) - done
         not_rerun = f"{given_up} not to rerun (failed for good, diverged or not identifiable), "
         campaign.say(f"{len(specs)} runs in the grid, {done} already done, " + (not_rerun if given_up else "")
-                     + f"{len(todo)} to run on {where}. Results: {campaign.output_dir}/")
+                     + f"{len(todo)} to run on {placement(config)}. Results: {campaign.output_dir}/")
         try:
             ending = campaign.run(todo)
         except KeyboardInterrupt:  # another Ctrl-C while the workers stop
@@ -807,22 +805,30 @@ def grid_factors(config: dict) -> str:
             + (reported if len(epochs) > 1 else ""))
 
 
+def placement(config: dict) -> str:
+    """Where the runs go: this machine's workers, or the Dask cluster."""
+    if config["executor"] == "dask":
+        return f"the Dask cluster at {config['dask_scheduler']}"
+    return f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
+
+
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
     """The grid's size per factor and an estimated wall time and memory; the runs themselves on request."""
     import resource
     specs = build_grid(config)
-    workers, threads = resolved_workers(config), config["cpu_threads_per_worker"]
-    print(f"{len(specs)} runs: {grid_factors(config)}; {workers} workers x {threads} threads; "
-          f"output_dir={config['output_dir']}")
+    local, threads = config["executor"] == "local", config["cpu_threads_per_worker"]
+    workers = resolved_workers(config) if local else 1  # a cluster's size is known once it runs
+    print(f"{len(specs)} runs: {grid_factors(config)}; {placement(config)}; output_dir={config['output_dir']}")
     print("Calibrating: three short runs of each kind of run (a few seconds each)...", flush=True)
     nm.torch.set_num_threads(threads)
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
     memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     where = "on the GPU" if config["use_cuda"] else f"on {threads} thread(s)"
-    print(f"Estimated wall time {duration(wall)} on {workers} workers ({duration(min(seconds))} to "
-          f"{duration(max(seconds))} per run {where}); peak memory at most {memory_mb:.0f} MB per worker, "
-          f"{workers * memory_mb / 1024:.1f} GB in all.")
+    on = f"on {workers} workers" if local else "on one worker, to divide by the Dask cluster's workers"
+    print(f"Estimated wall time {duration(wall)} {on} ({duration(min(seconds))} to {duration(max(seconds))} per run "
+          f"{where}); peak memory at most {memory_mb:.0f} MB per worker"
+          + (f", {workers * memory_mb / 1024:.1f} GB in all." if local else "."))
     if config["target_ci95"] is not None:
         most = config["max_repeats"] / config["repeats"]
         print(f"With target_ci95 = {config['target_ci95']}: from {len(specs)} runs "

@@ -678,6 +678,18 @@ def test_dry_run_estimate_line(mnist_dir, monkeypatch, capsys, use_cuda, where):
     assert f"Estimated wall time 40 min on 1 workers (2 min to 2 min per run {where}); peak memory at most " in printed
 
 
+def test_dry_run_for_a_dask_cluster_names_it_and_the_time_on_one_worker(mnist_dir, monkeypatch, capsys):
+    """The cluster's size is not known before it runs; this machine's CPU count says nothing of it."""
+    monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [120.0] * len(specs))
+    rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--executor", "dask", "--dask_scheduler",
+                               "tcp://10.0.0.5:8786"))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("x 2 repeats; the Dask cluster at tcp://10.0.0.5:8786; output_dir=results/smoke")
+    assert printed[2] == ("Estimated wall time 40 min on one worker, to divide by the Dask cluster's workers (2 min to "
+                          f"2 min per run on 1 thread(s)); peak memory at most {printed[2].split('most ')[1]}")
+    assert printed[2].endswith(" MB per worker.")
+
+
 def test_dry_run_wall_time_is_at_least_the_longest_run(mnist_dir, monkeypatch, capsys):
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [30.0] * (len(specs) - 1) + [4 * 3600.0])
     rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--max_workers", "32"))
