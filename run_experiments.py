@@ -242,17 +242,18 @@ def placement_errors(config: dict) -> list[str]:
     return executors.EXECUTORS[config["executor"]].config_errors(config)
 
 
-def validate(config: dict) -> None:
-    """Raise ConfigError listing every problem, before anything runs or is written."""
+def validate(config: dict, trains_here: bool = False) -> None:
+    """Raise ConfigError listing every problem, before anything runs or is written. The data are checked where
+    runs train on this machine: with local workers, or `trains_here` (--check and --dry-run)."""
     errors = config_errors(config)
     if not errors and (size := grid_size(config)) > MAX_GRID_SIZE:
         errors.append(f"the grid has {size:,} runs, more than {MAX_GRID_SIZE:,}; fewer ps, repeats or other factors")
     if not errors:
         errors += output_dir_errors(config["output_dir"])
-        # the data files decode and hold enough examples (decoded once: the forked workers share this copy; with
-        # Dask, the workers check their own)
+        # the data files decode and hold enough examples (decoded once: the forked workers share this copy; Dask
+        # workers check their own)
         samples = axis_values(config, "max_train_samples")
-        for dataset in axis_values(config, "datasets") if config["executor"] == "local" else []:
+        for dataset in axis_values(config, "datasets") if trains_here or config["executor"] == "local" else []:
             try:
                 n_train = len(nm.load_dataset(dataset, config["data_dir"]).train_labels)
             except (nm.DataNotFoundError, nm.DataFileError) as exc:
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
         rs.plain_warnings()
         config, args = config_from_args(argv)
-        validate(config)
+        validate(config, trains_here=args.check or args.dry_run or args.list)
         if args.check:
             return preflight_check(config)
         if args.dry_run or args.list:

@@ -346,6 +346,13 @@ def test_with_the_dask_executor_the_data_are_the_workers_business(tmp_path):
     rx.validate(config)  # no error: this machine need not have the data
 
 
+@pytest.mark.parametrize("flag", ["--check", "--dry-run", "--list"])
+def test_checks_that_train_here_need_the_data_here_also_for_a_dask_campaign(tmp_path, flag):
+    missing = tmp_path / "only-on-the-workers"
+    assert_rejected(["--smoke", flag, "--executor", "dask", "--dask_scheduler", "tcp://127.0.0.1:8786", "--data_dir",
+                     str(missing)], tmp_path, "data_dir: mnist data not found", str(missing))
+
+
 def test_validate_raises_config_error_listing_every_problem():
     with pytest.raises(rx.ConfigError) as info:
         rx.validate(config_of("--smoke", "--ps", "1.5", "--epochs", "0"))
