@@ -162,12 +162,15 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
-    """The config block, then the --smoke preset, then explicit command-line values."""
+    """The config block, then the --smoke preset, then explicit command-line values; output_dir with ~ expanded
+    (data_dir is expanded where the runs read it: on a Dask worker, ~ is that worker's home)."""
     defaults = {name: globals()[name] for name in CONFIG_NAMES}
     args = build_parser(defaults).parse_args(argv)
     config = {**defaults, **(SMOKE_PRESET if args.smoke else {})}
     config.update({name: parse_value(name, getattr(args, name), defaults[name])
                    for name in CONFIG_NAMES if getattr(args, name) is not None})
+    if isinstance(config["output_dir"], str):
+        config["output_dir"] = os.path.expanduser(config["output_dir"])
     return config, args
 
 

@@ -340,6 +340,12 @@ def test_missing_data_names_the_four_files(tmp_path, tmp_path_factory):
     assert "download failed" in err  # offline: torchvision's download was tried and failed
 
 
+def test_a_tilde_in_output_dir_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config_of("--output_dir", "~/campaign")["output_dir"] == str(tmp_path / "campaign")
+    assert config_of("--data_dir", "~/data")["data_dir"] == "~/data"  # expanded where it is read: on each worker
+
+
 def test_with_the_dask_executor_the_data_are_the_workers_business(tmp_path):
     config = config_of("--smoke", "--executor", "dask", "--dask_scheduler", "tcp://127.0.0.1:8786",
                        "--data_dir", str(tmp_path / "only-on-the-workers"), "--output_dir", str(tmp_path / "out"))
