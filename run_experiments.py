@@ -317,8 +317,8 @@ def parse_noise_matrix(value) -> tuple[tuple[float, ...], ...]:
     if isinstance(value, str):
         if value.lstrip().startswith("["):
             value = json.loads(value)
-        elif Path(value).is_file():
-            value = json.loads(Path(value).read_text())
+        elif Path(value).expanduser().is_file():
+            value = json.loads(Path(value).expanduser().read_text())
         else:
             raise ValueError(f"{value!r} is neither JSON text (a list of rows) nor an existing .json file")
     return tuple(tuple(float(x) for x in row) for row in registry.check_noise_matrix(value))

@@ -413,6 +413,12 @@ def test_missing_noise_matrix_file_is_named_in_the_error(mnist_dir, tmp_path):
                     "neither JSON text", "nor an existing .json file")
 
 
+def test_noise_matrix_file_under_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_json(tmp_path, "next.json", NEXT)
+    assert rx.parse_noise_matrix("~/next.json") == as_tuples(NEXT)
+
+
 def test_noise_matrix_from_a_json_file_and_from_json_text(mnist_dir, tmp_path):
     path = write_json(tmp_path, "next.json", NEXT)
     text = compact_json(NEXT)
