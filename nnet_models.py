@@ -69,16 +69,20 @@ def _find_idx_file(directory: Path, filename: str) -> Path | None:
     return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
+def torchvision_dir(dataset: str, data_dir: str | Path) -> Path:
+    """Where torchvision's layout keeps the dataset's files under data_dir, and where a download puts them."""
+    return Path(data_dir).expanduser() / registry.DATASETS[dataset].folder / "raw"
+
+
 def find_raw_dir(dataset: str, data_dir: str | Path) -> Path | None:
     """The directory holding all four IDX files (gzipped or not), or None."""
-    root = Path(data_dir).expanduser()
-    candidates = (root / registry.DATASETS[dataset].folder / "raw", root)
+    candidates = (torchvision_dir(dataset, data_dir), Path(data_dir).expanduser())
     return next((d for d in candidates if all(_find_idx_file(d, name) for name in IDX_FILES.values())), None)
 
 
 def ensure_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> Path:
     """The directory of the dataset's IDX files, downloaded if missing and allowed, else DataNotFoundError."""
-    raw = Path(data_dir).expanduser() / registry.DATASETS[dataset].folder / "raw"  # where a download puts the files
+    raw = torchvision_dir(dataset, data_dir)
     reason = "download not attempted"
     if find_raw_dir(dataset, data_dir) is None and download:
         created = next((d for d in (*reversed(raw.parents), raw) if not d.exists()), None)  # by the download
@@ -147,9 +151,9 @@ def load_dataset(dataset: str, data_dir: str | Path, download: bool = True) -> D
         arrays = {name: read_idx(path) for name, path in paths.items()}
         if (found := identified_dataset(arrays["train_labels"])) not in (None, dataset):
             raise DataFileError(f"{raw_dir} holds {found}, not {dataset}: to train on {found}, name it in datasets; "
-                                f"for {dataset}, put its four files into "
-                                f"{Path(data_dir) / registry.DATASETS[dataset].folder / 'raw'}/ (with several "
-                                "datasets, each in its own folder there), or set data_dir to where they are")
+                                f"for {dataset}, put its four files into {torchvision_dir(dataset, data_dir)}/ "
+                                "(with several datasets, each in its own folder there), or set data_dir to where "
+                                "they are")
         _DATASET_CACHE[key] = Dataset(*split_tensors(paths, arrays, "train"), *split_tensors(paths, arrays, "test"))
     return _DATASET_CACHE[key]
 

@@ -852,10 +852,11 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
         rs.plain_warnings()
         config, args = config_from_args(argv)
-        validate(config, trains_here=args.check or args.dry_run or args.list)
+        dry_run = args.dry_run or args.list
+        validate(config, trains_here=args.check or dry_run)
         if args.check:
             return preflight_check(config)
-        if args.dry_run or args.list:
+        if dry_run:
             print_dry_run(config, args.list)
             return 0
         return run_campaign(config, fresh=args.fresh)
