@@ -754,7 +754,7 @@ def preflight_check(config: dict) -> int:
         accuracy, loss = nm.fits_tiny_subset(cfg, nm.load_dataset(cfg.dataset, cfg.data_dir))
         fits = accuracy >= 0.95 and math.isfinite(loss)
         failing += not fits
-        values = ", ".join(f"{f}={rs.csv_value(getattr(cfg, f))}" for f in fields)
+        values = ", ".join(f"{f}={v}" for f in fields if (v := rs.csv_value(getattr(cfg, f))) != "")  # a CNN: no widths
         print(f"[{'ok' if fits else 'FAILS'}] {values}: training accuracy {accuracy:.2f}, loss {loss:.3g}")
     if failing:
         print(f"{failing} set-up(s) cannot fit 100 examples (accuracy below 0.95 or loss not finite): "

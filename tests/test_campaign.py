@@ -1254,11 +1254,13 @@ def test_the_lock_of_a_dead_campaign_is_taken_over(mnist, mnist_dir, tmp_path, n
 
 def test_check_fits_100_examples_per_training_setup(mnist, mnist_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, stdout, _ = run_main(["--check", "--smoke", "--data_dir", str(mnist_dir)])
+    code, stdout, _ = run_main(["--check", "--smoke", "--model_types", "mlp,cnn", "--data_dir", str(mnist_dir)])
     assert code == 0, stdout
-    assert stdout.startswith("Checking that each of the 2 training set-ups can fit 100 clean training examples...")
+    assert stdout.startswith("Checking that each of the 4 training set-ups can fit 100 clean training examples...")
     lines = [line for line in stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 2 and all(line.startswith("[ok] dataset=mnist, model_type=mlp, activation=") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("[ok] dataset=mnist, model_type=") for line in lines)
+    assert sum("model_type=mlp, activation=relu, hidden_sizes=256-128, optimizer=adam" in line for line in lines) == 1
+    assert sum("model_type=cnn, activation=tanh, optimizer=adam" in line for line in lines) == 1  # a CNN has no widths
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
