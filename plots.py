@@ -433,10 +433,17 @@ def select(results: rs.Results, **values) -> rs.Results:
 
 def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
     """The results at the `chosen` settings and, for each other setting that still varies (the remedies aside: the
-    report compares them), its first value; and the slice taken."""
+    report compares them), its default value where the campaign ran it, else its smallest; and the slice taken."""
     several = [f for f in varying(results.summary) if f not in REMEDY_FIELDS and f not in chosen]
-    chosen = {**chosen, **{f: sorted(results.summary[f].dropna().unique())[0] for f in several}}
+    chosen = {**chosen, **{f: default_or_smallest(f, results.summary[f]) for f in several}}
     return select(results, **chosen), chosen
+
+
+def default_or_smallest(field: str, values: pd.Series):
+    """The value of `field` a run gets by default (TrainConfig) if it is among `values`, else the smallest of them."""
+    values = sorted(values.dropna().unique())
+    default = rs.csv_value(getattr(registry.TrainConfig(), field))
+    return default if default in values else values[0]
 
 
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:

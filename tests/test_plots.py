@@ -554,6 +554,14 @@ def test_the_report_slice_keeps_the_remedies_and_its_tables_take_plain_training(
     assert {"early stopping", "gce"} <= set(plots.remedy_table(results.runs).columns)
 
 
+def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_path):
+    records = [r for precision in ("float32", "bfloat16") for lr in (3e-2, 1e-2)
+               for r in grid_records(("relu",), ("label_flip",), precision=precision, learning_rate=lr)]
+    results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
+    assert chosen == {"precision": "float32", "learning_rate": 0.01}
+    assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
+
+
 def test_the_report_keeps_every_training_length_and_its_tables_take_the_shortest(tmp_path):
     records = grid_records(("relu",), ("label_flip",))
     for r in records:  # also reported after 2 epochs, 0.1 less accurate
