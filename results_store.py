@@ -76,6 +76,15 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary files atomic_write left under `directory` where a process was killed mid-write."""
+    import psutil
+    for tmp in Path(directory).rglob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -529,6 +529,7 @@ class Campaign:
         self.output_dir = Path(config["output_dir"])
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.lock = lock_output_dir(self.output_dir)
+        rs.remove_stale_temporaries(self.output_dir)
         self.store = rs.RunStore(self.output_dir)
         self.records = self.store.load()
         self.recount()

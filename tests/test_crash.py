@@ -192,9 +192,15 @@ def test_kill_9_then_resume_completes_without_redoing_finished_runs(whole_group,
     before = whole_records(out)  # every file left behind is a whole record
     assert 3 <= len(before) < N_CRASH_RUNS, "the kill came too late to interrupt anything"
     assert set(before) <= set(reference)
+    torn = out / "runs" / f".{next(iter(reference))}.json.{campaign.pid}.tmp"  # as a kill mid-write leaves it
+    torn.write_text('{"run_id": ')
+    writing = out / "figures" / f".fig1.png.{os.getppid()}.tmp"  # a live process's write in progress
+    writing.parent.mkdir(exist_ok=True)
+    writing.write_text("PNG")
 
     code, stdout, stderr = run_main(crash_argv(out, mnist_dir))  # ...is taken over
     assert code == 0, stdout + stderr
+    assert not torn.exists() and writing.exists()
     done = len(before)
     assert f"{N_CRASH_RUNS} runs in the grid, {done} already done, {N_CRASH_RUNS - done} to run" in stdout
     assert len(per_run_lines(stdout)) == N_CRASH_RUNS - done  # only the missing runs ran
