@@ -538,6 +538,8 @@ def transition_error_table(runs: pd.DataFrame) -> pd.DataFrame:
     (the share of labels kept) lies above the true one on average, each averaged over seeds."""
     estimated = runs[(runs["loss"] == "forward_estimated") & (runs["status"] == "ok") & (runs["p"] > 0)]
     estimated = estimated.drop_duplicates("run_id")  # the same estimate at every reported length
+    if estimated.empty:
+        return pd.DataFrame({"no forward_estimated run at p > 0 in these results": []})
     true = [registry.transition_matrix(t, p, json.loads(m) if isinstance(m, str) else None)
             for t, p, m in zip(estimated["noise_type"], estimated["p"], estimated["noise_matrix"])]
     bias = [np.mean(np.diag(json.loads(t_hat)) - np.diag(t))
@@ -655,20 +657,19 @@ def run_interruptibly(coroutine) -> None:
 
 
 def without_reference_prose(notebook, output_dir: Path):
-    """The notebook for a report of `output_dir`: unless that is the reference campaign, each run of the cells
-    tagged "reference" (prose about its results) becomes a one-line note, and the figures and tables stay."""
+    """The notebook for a report of `output_dir`: unless that is the reference campaign, the cells tagged
+    "reference" (prose about its results) are left out, which one note says where the first was; the figures and
+    tables stay."""
     if output_dir.resolve() == REFERENCE_DIR:
         return notebook
     import nbformat
-    note = (f"*Prose about the reference campaign (results/reference/) left out: this report is of {output_dir}, "
-            "whose figures and tables follow.*")
-    cells = []
-    for cell in notebook.cells:
-        if "reference" not in cell.metadata.get("tags", []):
-            cells.append(cell)
-        elif not cells or cells[-1].source != note:
-            cells.append(nbformat.v4.new_markdown_cell(note))
-    notebook.cells = cells
+    prose = ["reference" in cell.metadata.get("tags", []) for cell in notebook.cells]
+    note = nbformat.v4.new_markdown_cell(f"*This report is of {output_dir}: the prose about the reference "
+                                         "campaign's results (results/reference/) is left out; every figure and "
+                                         "table below is of this campaign.*")
+    notebook.cells = [cell for cell, left_out in zip(notebook.cells, prose) if not left_out]
+    if any(prose):
+        notebook.cells.insert(prose.index(True), note)
     return notebook
 
 

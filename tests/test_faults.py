@@ -342,11 +342,11 @@ def test_learning_curves_of_two_epochs_have_integer_epoch_ticks(tmp_path, monkey
         assert {"1", "2"} <= set(labels) and all(re.fullmatch(r"\d+", label) for label in labels), labels
 
 
-def test_the_remedies_table_of_runs_with_only_ce_says_so(tmp_path):
+def test_the_remedy_and_transition_tables_of_runs_with_only_ce_say_so(tmp_path):
     runs = rs.read_results(campaign(tmp_path, grid_records(("relu",), ("label_flip",)))).runs
     assert set(runs["loss"]) == {"ce"}
-    table = plots.remedy_table(runs)
-    assert "no remedy with its plain twin" in table.to_string()
+    assert "no remedy with its plain twin" in plots.remedy_table(runs).to_string()
+    assert "no forward_estimated run at p > 0" in plots.transition_error_table(runs).to_string()
 
 
 # ================================================================ campaign.lock
