@@ -728,8 +728,12 @@ def main(argv=None) -> int:
         paths = write_figures(args.output_dir)
         if args.report:
             paths.append(write_report(args.output_dir))
+        print("\n".join(map(str, paths)), flush=True)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of the list of files has gone (| head)
+        rs.silence(sys.stdout)
+        return 1
     except (ReportError, rs.BrokenCSVError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -739,8 +743,6 @@ def main(argv=None) -> int:
         print(f"error: {exc.filename}: {exc.strerror or exc}. Free some space or fix the permissions, then run the "
               "same command again; the figures and report already there are unchanged.", file=sys.stderr)
         return 1
-    for path in paths:
-        print(path)
     return 0
 
 

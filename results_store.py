@@ -52,6 +52,11 @@ def plain_warnings() -> None:
     warnings.formatwarning = lambda message, *rest, **kwargs: f"warning: {message}\n"
 
 
+def silence(stream) -> None:
+    """Send the rest of `stream`'s output nowhere, quietly: its reader has gone (`| head`)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 def atomic_write(path: Path, write) -> Path:
     """`write(tmp)` to a temporary file beside `path`, synced, which then replaces `path`: readers see the old or the
     new file, never a mix, and a full disk or a signal never leaves a truncated one. A storage error names `path`."""

@@ -563,10 +563,13 @@ class Campaign:
 
     def say(self, message: str, error: bool = False) -> None:
         stream = sys.stderr if error else sys.stdout
-        if self.bar is not None and not self.bar.disable:
-            self.bar.write(message, file=stream)
-        else:
-            print(message, file=stream, flush=True)
+        try:
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(message, file=stream)
+            else:
+                print(message, file=stream, flush=True)
+        except BrokenPipeError:  # its reader has gone (| head): the campaign runs on, and the log has every line
+            rs.silence(stream)
         self.log_file.write(f"{now()} {message}\n")
 
     def status(self, run_id: str) -> str:
@@ -856,17 +859,23 @@ def main(argv: list[str] | None = None) -> int:
         dry_run = args.dry_run or args.list
         validate(config, trains_here=args.check or dry_run)
         if args.check:
-            return preflight_check(config)
-        if dry_run:
+            exit_code = preflight_check(config)
+        elif dry_run:
             print_dry_run(config, args.list)
-            return 0
-        return run_campaign(config, fresh=args.fresh)
+            exit_code = 0
+        else:
+            exit_code = run_campaign(config, fresh=args.fresh)
+        sys.stdout.flush()  # a reader that has gone (| head) shows here, not at exit
+        return exit_code
     except ConfigError as exc:
         print("\n".join(f"error: {line}" for line in exc.args[0]), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("Interrupted before the campaign started; nothing was run.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the dry run's or the check's lines has gone (| head)
+        rs.silence(sys.stdout)
+        return 1
 
 
 if __name__ == "__main__":

@@ -250,6 +250,36 @@ def test_repeated_sigints_stop_the_campaign_with_closing_counts_of_the_stored_ru
     assert "run the same command again to resume" in output
 
 
+# ================================================================ a reader that goes away (| head)
+
+
+@pytest.mark.parametrize("flag", ["--list", "--check", None])
+def test_a_reader_of_the_output_that_goes_away_ends_nothing_in_a_traceback(flag, mnist_dir, tmp_path):
+    """The dry run's list and the check end quietly; a campaign runs to its end, its lines in campaign.log."""
+    out = tmp_path / "results"
+    command = [sys.executable, "run_experiments.py", *tiny_argv(out, mnist_dir), *([flag] if flag else [])]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()
+    process.stdout.close()  # as `| head -1` does
+    _, stderr = process.communicate(timeout=300)
+    assert stderr == ""
+    if flag:
+        assert process.returncode == 1 and not out.exists()
+    else:
+        assert process.returncode == 0 and len(run_files(out)) == TINY_RUNS
+        assert f"{TINY_RUNS} ok, 0 failed" in (out / "campaign.log").read_text()
+
+
+def test_plots_ends_quietly_when_the_reader_of_its_list_of_files_has_gone(tmp_path):
+    directory = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip",)))
+    process = subprocess.Popen([sys.executable, "plots.py", str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # gone before the list of files is printed
+    _, stderr = process.communicate(timeout=300)
+    assert (process.returncode, stderr) == (1, "")
+    assert (directory / "figures" / plots.FIGURE_FILES["accuracy_vs_p"]).is_file()
+
+
 # ================================================================ a write error names its file
 
 
