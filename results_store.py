@@ -81,10 +81,12 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete the temporary files atomic_write left under `directory` where a process was killed mid-write."""
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete the temporary files atomic_write left in a campaign's folders where a process was killed mid-write."""
     import psutil
-    for tmp in Path(directory).rglob(".*.tmp"):
+    output_dir = Path(output_dir)
+    for tmp in [*output_dir.glob(".*.tmp"), *(output_dir / RUNS_DIR).glob(".*.tmp"),
+                *(output_dir / "figures").rglob(".*.tmp")]:
         pid = tmp.name.rsplit(".", 2)[1]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             tmp.unlink(missing_ok=True)
