@@ -152,8 +152,8 @@ def test_closing_the_outcomes_early_stops_the_workers(tmp_path):
     outcomes = run_local(pid_then_block, [(i, str(tmp_path)) for i in range(4)], workers=2)
     item, first_pid = next(outcomes)
     assert item[0] == 0
-    deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # until the other worker runs item 1 (item 2 waits: the consumer is paused)
+    while not list(tmp_path.glob("*.pid")) and time.monotonic() < deadline:
         time.sleep(0.01)
     workers = {int(p.stem) for p in tmp_path.glob("*.pid")} | {first_pid}
     assert len(workers) == 2
