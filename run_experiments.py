@@ -69,6 +69,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import time
 import traceback
@@ -733,7 +734,7 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
         campaign.say(f"  {point_name(stored_config(point), campaign.varying)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
                  f"headline figures: {out}/figures/; log: {out}/campaign.log")
-    campaign.say(f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)")
+    campaign.say(f"Every figure and the report: {plots_command(out)}  (writes {out}/report.html)")
     if ending == "interrupted":
         campaign.say("Interrupted. Every finished run is saved; run the same command again to resume.")
         return 130
@@ -741,6 +742,14 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
         campaign.say("Every finished run is saved; once the scheduler answers, run the same command again to resume.")
         return 1
     return 1 if failed else 0
+
+
+def plots_command(output_dir: Path) -> str:
+    """The shell command, from this working directory, that draws every figure of `output_dir` and its report."""
+    script = Path(__file__).resolve().with_name("plots.py")
+    with contextlib.suppress(ValueError):  # elsewhere: its full path
+        script = script.relative_to(Path.cwd())
+    return shlex.join(["python", str(script), str(output_dir), "--report"])
 
 
 # ---------------------------------------------------------------- checks before a campaign

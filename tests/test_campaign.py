@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from datetime import datetime
@@ -825,6 +826,14 @@ def test_smoke_campaign_end_to_end(smoke):
     assert [f.name for f in figures] == sorted(plots.FIGURE_FILES[name] for name in plots.HEADLINE_FIGURES)
     assert all(f.stat().st_size > 0 for f in figures)
     assert "Could not draw the figures" not in smoke["stderr"]
+
+
+def test_the_report_command_of_the_closing_lines_reads_back_as_typed_from_any_directory(tmp_path, monkeypatch):
+    out = tmp_path / "my results"
+    monkeypatch.chdir(ROOT)
+    assert rx.plots_command(out) == f"python plots.py '{out}' --report"
+    monkeypatch.chdir(tmp_path)
+    assert shlex.split(rx.plots_command(out)) == ["python", str(ROOT / "plots.py"), str(out), "--report"]
 
 
 @pytest.mark.slow
