@@ -280,9 +280,8 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if summary["loss"].nunique() < 2 or not (summary["loss"] == "ce").any():
         return None
     with_effects = summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left")
-    frame = experiments(with_effects, apart=rs.LOSS_FIELDS).copy()
-    settings = frame["loss_settings"].fillna("")
-    frame = frame.assign(variant=frame["loss"] + (" " + settings).where(settings != "", ""))
+    frame = experiments(with_effects, apart=rs.LOSS_FIELDS).copy()  # one block: columns are added below
+    frame = frame.assign(variant=loss_variant(frame))
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
 
     def draw(ax, part, metric):
@@ -515,16 +514,22 @@ def with_interval(table: pd.DataFrame, column: str, scale: float = 100, sign: st
                      index=table.index)
 
 
+def loss_variant(table: pd.DataFrame) -> pd.Series:
+    """Each row's loss with its settings, e.g. "gce q=0.7"."""
+    return (table["loss"] + " " + table["loss_settings"].fillna("")).str.strip()
+
+
 def remedy_table(runs: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
     """What protects against label noise: each loss minus ce, and early stopping (a validation split's epoch of
     lowest noisy-validation loss) minus the last epoch without a split, paired on the same seeds: the mean
     difference of `metric` (accuracy in points) and its 95% interval, a column per remedy."""
     scale = 100 if metric in UNIT_RANGE else 1
     losses = rs.loss_effects(runs).query("validation_fraction == 0")
-    losses = losses.assign(remedy=(losses["loss"] + " " + losses["loss_settings"].fillna("")).str.strip(),
-                           effect=with_interval(losses, f"minus_ce_{metric}", scale))
+    losses = losses.assign(remedy=loss_variant(losses), effect=with_interval(losses, f"minus_ce_{metric}", scale))
     stopped = rs.early_stopping_effects(runs)
-    named = ["early stopping" + ("" if loss == "ce" else f" ({loss})") for loss in stopped["loss"]]
+    split = (stopped["validation_fraction"].map(" on {:.0%}".format) if stopped["validation_fraction"].nunique() > 1
+             else "")
+    named = "early stopping" + split + (" (" + loss_variant(stopped) + ")").where(stopped["loss"] != "ce", "")
     stopped = stopped.assign(remedy=named, effect=with_interval(stopped, f"minus_last_epoch_{metric}", scale))
     both = pd.concat([losses, stopped], ignore_index=True)
     if both.empty:

@@ -562,6 +562,24 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
 
 
+def test_the_remedy_table_names_early_stopping_by_its_loss_settings_and_split(tmp_path):
+    """gce at two q and two validation splits: a column per early stopping, none pooled with another."""
+    records = [r for loss, settings in (("ce", ()), ("gce", (("q", 0.5),)), ("gce", (("q", 0.7),)))
+               for split in (0.0, 0.1, 0.2)
+               for r in grid_records(("relu",), ("label_flip",), loss=loss, loss_settings=settings,
+                                     validation_fraction=split)]
+    runs = rs.read_results(campaign(tmp_path, records)).runs
+    table = plots.remedy_table(runs)
+    assert sorted(table.columns) == sorted(["gce q=0.5", "gce q=0.7", *(
+        f"early stopping on {split}{variant}" for split in ("10%", "20%")
+        for variant in ("", " (gce q=0.5)", " (gce q=0.7)"))])
+    effects = rs.early_stopping_effects(runs).set_index(["loss_settings", "validation_fraction", "p"])
+    effect = effects.loc[("q=0.7", 0.2, 0.5)]
+    mean, low, high = (100 * effect[f"minus_last_epoch_test_accuracy_{s}"] for s in ("mean", "ci95_low", "ci95_high"))
+    assert table.loc[("label_flip", 0.5, EPOCHS), "early stopping on 20% (gce q=0.7)"] == \
+        f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def test_the_report_keeps_every_training_length_and_its_tables_take_the_shortest(tmp_path):
     records = grid_records(("relu",), ("label_flip",))
     for r in records:  # also reported after 2 epochs, 0.1 less accurate
