@@ -622,7 +622,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 def write_figures(output_dir: str | Path, figures_dir: str | Path | None = None, names=tuple(FIGURES)) -> list[Path]:
     """Draw the figures `names` with data in `output_dir`'s CSVs into `figures_dir` (default: output_dir/figures)."""
     results = rs.read_results(output_dir)
-    figures_dir = Path(output_dir) / "figures" if figures_dir is None else Path(figures_dir)
+    figures_dir = Path(output_dir) / rs.FIGURES_DIR if figures_dir is None else Path(figures_dir)
     return [save_figure(fig, figures_dir / file) for name in names for file, fig in drawn(name, results)]
 
 

@@ -22,6 +22,7 @@ import registry
 from registry import CLEAN, ECE_BINS
 
 RUNS_DIR = "runs"
+FIGURES_DIR = "figures"
 PER_RUN_CSV = "results_per_run.csv"
 SUMMARY_CSV = "results_summary.csv"
 HISTORY_CSV = "results_history.csv"
@@ -86,7 +87,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     import psutil
     output_dir = Path(output_dir)
     for tmp in [*output_dir.glob(".*.tmp"), *(output_dir / RUNS_DIR).glob(".*.tmp"),
-                *(output_dir / "figures").rglob(".*.tmp")]:
+                *(output_dir / FIGURES_DIR).rglob(".*.tmp")]:
         pid = tmp.name.rsplit(".", 2)[1]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             tmp.unlink(missing_ok=True)

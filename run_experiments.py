@@ -733,7 +733,7 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
     for point in capped:
         campaign.say(f"  {point_name(stored_config(point), campaign.varying)}")
     campaign.say(f"CSVs: {out}/{rs.PER_RUN_CSV}, {out}/{rs.SUMMARY_CSV}, {out}/{rs.HISTORY_CSV}; "
-                 f"headline figures: {out}/figures/; log: {out}/campaign.log")
+                 f"headline figures: {out}/{rs.FIGURES_DIR}/; log: {out}/campaign.log")
     campaign.say(f"Every figure and the report: {plots_command(out)}  (writes {out}/report.html)")
     if ending == "interrupted":
         campaign.say("Interrupted. Every finished run is saved; run the same command again to resume.")
