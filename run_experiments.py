@@ -484,7 +484,7 @@ def point_name(run: dict, varying=()) -> str:
     """How every line names a grid point (config fields as records store them): model/activation, noise, its loss
     but ce, p and the `varying` settings."""
     loss = f" loss={' '.join(filter(None, [run['loss'], run['loss_settings']]))}" if run["loss"] != "ce" else ""
-    settings = "".join(f" {name}={run[name]}" for name in varying)
+    settings = "".join(f" {name}={run[name]}" for name in varying if run[name] != "")  # a CNN: no hidden_sizes
     return f"{run['model_type']}/{run['activation']} {run['noise_type']}{loss} p={run['p']:.2f}{settings}"
 
 
@@ -813,11 +813,17 @@ def duration(seconds: float) -> str:
 def grid_factors(config: dict) -> str:
     """How the grid's size comes about, axis by axis."""
     epochs = sorted(axis_values(config, "epochs"))
-    axes = [f"{len(axis_values(config, name))} {name}" for name in TRAINING_AXES if len(axis_values(config, name)) > 1]
+    axes = {name: f"{len(axis_values(config, name))} {name}" for name in TRAINING_AXES
+            if len(axis_values(config, name)) > 1}
+    models, widths = axis_values(config, "model_types"), len(axis_values(config, "hidden_sizes"))
+    if "cnn" in models and widths > 1:  # a CNN has one architecture, whatever the hidden_sizes
+        del axes["hidden_sizes"]
+        if "mlp" in models:
+            axes["model_types"] = f"{widths + 1} architectures (mlp at {widths} hidden_sizes, cnn)"
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
     reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each"
-    return (" x ".join([*axes, f"{len(loss_variants(config))} losses (with their settings)",
+    return (" x ".join([*axes.values(), f"{len(loss_variants(config))} losses (with their settings)",
                         f"{len(points)} noise points{clean}", f"{config['repeats']} repeats"])
             + (reported if len(epochs) > 1 else ""))
 

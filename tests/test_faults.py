@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -178,8 +179,14 @@ def test_mlp_and_cnn_over_two_widths_have_one_cnn_point_per_noise_point_and_repe
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [1.0] * len(specs))  # no calibration runs
     code, stdout, stderr = run_main(["--dry-run", *argv])
     assert code == 0, stderr
-    assert stdout.splitlines()[0].startswith(f"{len(specs)} runs: ")
+    head = stdout.splitlines()[0]  # the factors it names multiply to the count
+    assert head.startswith(f"{len(specs)} runs: 3 architectures (mlp at 2 hidden_sizes, cnn) x ")
+    assert math.prod(map(int, re.findall(r"(?:^| x )(\d+) ", head.split(";")[0].split(": ", 1)[1]))) == len(specs)
     assert not (tmp_path / "results").exists()
+    varying = rx.varying_settings(config)  # how the progress and closing lines name a run
+    names = sorted(rx.spec_name(s, varying) for s in specs if s.config.p == 0 and s.repeat == 0)
+    assert names == ["cnn/relu none p=0.00 r0", "mlp/relu none p=0.00 hidden_sizes=32 r0",
+                     "mlp/relu none p=0.00 hidden_sizes=64 r0"]
 
 
 # ================================================================ Ctrl-C, several times
