@@ -437,8 +437,25 @@ def executor_for(config: dict) -> executors.Executor:
                                           sys.modules[__name__])]
     varying = varying_settings(config)
     return executors.EXECUTORS[config["executor"]].from_config(
-        run_one, config, modules, describe=lambda s: f"run {s.run_id} ({spec_name(s, varying)})",
-        kind=lambda s: dataclasses.replace(s.config, seed=0, p=0.0, noise_type=registry.CLEAN, noise_matrix=None))
+        run_one, config, modules, describe=lambda s: f"run {s.run_id} ({spec_name(s, varying)})", kind=run_kind)
+
+
+def run_kind(spec: RunSpec) -> tuple:
+    """Runs of one kind take about as long: they differ only in the seed and the noise, but for whether pixel
+    noise is drawn."""
+    clean = dataclasses.replace(spec.config, seed=0, p=0.0, noise_type=registry.CLEAN, noise_matrix=None)
+    return clean, spec.config.draws_pixel_noise
+
+
+def interleaved(specs: list[RunSpec]) -> list[RunSpec]:
+    """The runs, one of each kind in turn (else in grid order): the first to finish stand for the rest, so the
+    ETA holds from the start whatever order the axes give, and a stopped campaign has some runs of each kind."""
+    turns = Counter()
+
+    def turn(spec: RunSpec) -> int:
+        turns[run_kind(spec)] += 1
+        return turns[run_kind(spec)]
+    return sorted(specs, key=turn)
 
 
 # ---------------------------------------------------------------- the campaign
@@ -674,7 +691,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         # to do: runs never finished, plus failed ones while retry_failed and tries are left
         retry = {run_id for run_id, record in campaign.records.items() if record["status"] == "failed"
                  and config["retry_failed"] and record.get("attempts", 1) < config["max_attempts"]}
-        todo = [spec for spec in specs if spec.run_id not in campaign.records or spec.run_id in retry]
+        todo = interleaved([spec for spec in specs if spec.run_id not in campaign.records or spec.run_id in retry])
         campaign.write_metadata()
         if note := not_identifiable_note(specs):
             campaign.say(note)

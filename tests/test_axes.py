@@ -348,6 +348,17 @@ def test_two_noise_types_share_one_clean_run_and_every_count_agrees(mnist, mnist
     assert code == 0 and f"{TINY_RUNS} runs in the grid, {TINY_RUNS} already done, 0 to run" in stdout
 
 
+def test_runs_start_one_of_each_kind_in_turn(mnist, mnist_dir, tmp_path, no_figures):
+    """A kind of run (the same settings but the seed and the noise; drawing pixel noise or not) takes about as long:
+    its runs take turns with the other kinds', so the first to finish stand for the rest in the ETA."""
+    code, stdout, stderr = run_main(tiny_argv(tmp_path / "out", mnist_dir, "--max_workers", "1"))
+    assert code == 0, stderr
+    said = [PER_RUN_LINE.fullmatch(line)[3] for line in stdout.splitlines() if PER_RUN_LINE.fullmatch(line)]
+    assert [re.match(r"\[ok\] mlp/relu (\w+ p=\S+ r\d)", line)[1] for line in said] == [
+        "none p=0.00 r0", "pixel_uniform p=0.50 r0", "none p=0.00 r1", "pixel_uniform p=0.50 r1",
+        "label_flip p=0.50 r0", "label_flip p=0.50 r1"]
+
+
 # ================================================================ bookkeeping
 
 
