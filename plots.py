@@ -79,11 +79,10 @@ def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
     table = table.sort_values(["dataset", "model_type", *fields], kind="stable")
     setting = table["dataset"].astype(str)
     for field in ([] if "model_type" in apart else ["model_type"]) + fields:
-        if field == "loss_settings":  # a loss without settings (ce) adds nothing
-            setting = setting + (" · " + table[field]).fillna("")
-            continue
         text = table[field].astype(object).where(table[field].notna(), "none").astype(str)
-        setting = setting + (" · " if field == "model_type" else f" · {field}=") + text
+        text = (" · " if field in ("model_type", "loss_settings") else f" · {field}=") + text
+        absent = table[field].isna() & (field in ("hidden_sizes", "loss_settings"))  # a CNN's widths, ce's settings
+        setting = setting + text.where(~absent, "")
     matrices = sorted(table["noise_matrix"].dropna().unique())
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
     noise = [number.get(m, t) if t == "label_matrix" else t

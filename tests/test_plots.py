@@ -508,6 +508,15 @@ def test_models_figure_draws_a_line_per_model_on_the_same_seeds(tmp_path):
     assert plots.plot_models(rs.read_results(campaign(tmp_path / "one", grid_records(("relu",)))).summary) is None
 
 
+def test_a_cnn_beside_mlps_of_two_widths_has_no_widths_in_its_panel_titles(tmp_path):
+    records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
+    records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
+    fig = plots.plot_metric_vs_p(rs.read_results(campaign(tmp_path, records)).summary)
+    titles = sorted(ax.get_title().replace(" ·\n", " · ") for ax in fig.axes if ax.get_title())
+    assert titles == ["mnist · cnn · relu", "mnist · mlp · hidden_sizes=32-16 · relu",
+                      "mnist · mlp · hidden_sizes=64 · relu"]
+
+
 def test_remedy_table_puts_each_loss_and_early_stopping_beside_plain_ce(tmp_path):
     records = (grid_records(("relu",), ("label_flip",)) + grid_records(("relu",), ("label_flip",), loss="gce")
                + grid_records(("relu",), ("label_flip",), validation_fraction=0.1))
