@@ -421,10 +421,11 @@ def uncorrected(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def select(results: rs.Results, **values) -> rs.Results:
-    """The results with each named setting at the given value, e.g. select(results, learning_rate=0.001)."""
+    """The results with each named setting at the given value, e.g. select(results, learning_rate=0.001); a CNN,
+    which has no hidden_sizes, is in every slice of them."""
     def part(table):
         for field, value in values.items():
-            table = table[table[field].astype(str) == str(value)]
+            table = table[(table[field].astype(str) == str(value)) | table[field].isna() & (field == "hidden_sizes")]
         return table
     return rs.Results(*(part(table) for table in dataclasses.astuple(results)))
 

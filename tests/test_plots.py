@@ -571,6 +571,16 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
 
 
+def test_the_report_slice_of_mlp_widths_keeps_the_cnn(tmp_path):
+    records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
+    records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
+    results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
+    assert chosen == {"hidden_sizes": "32-16"}
+    for table in (results.summary, results.runs, results.curves):
+        assert set(zip(table["model_type"], table["hidden_sizes"].fillna(""))) == {("mlp", "32-16"), ("cnn", "")}
+    assert set(plots.model_table(results.summary).columns) == {"cnn", "mlp"}
+
+
 def test_the_remedy_table_names_early_stopping_by_its_loss_settings_and_split(tmp_path):
     """gce at two q and two validation splits: a column per early stopping, none pooled with another."""
     records = [r for loss, settings in (("ce", ()), ("gce", (("q", 0.5),)), ("gce", (("q", 0.7),)))
