@@ -439,8 +439,10 @@ def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
 
 
 def default_or_smallest(field: str, values: pd.Series):
-    """The value of `field` a run gets by default (TrainConfig) if it is among `values`, else the smallest of them."""
-    values = sorted(values.dropna().unique())
+    """The value of `field` a run gets by default (TrainConfig) if it is among `values`, else the smallest of them
+    (hidden_sizes: by their widths, so that 64 comes before 512)."""
+    widths = (lambda v: tuple(map(int, v.split("-")))) if field == "hidden_sizes" else None
+    values = sorted(values.dropna().unique(), key=widths)
     default = rs.csv_value(getattr(registry.TrainConfig(), field))
     return default if default in values else values[0]
 

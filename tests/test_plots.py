@@ -569,6 +569,8 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
     assert chosen == {"precision": "float32", "learning_rate": 0.01}
     assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
+    widths = [r for sizes in ((512,), (64,), (64, 32)) for r in grid_records(("relu",), hidden_sizes=sizes)]
+    assert plots.report_slice(rs.read_results(campaign(tmp_path / "widths", widths)), {})[1] == {"hidden_sizes": "64"}
 
 
 def test_the_report_slice_of_mlp_widths_keeps_the_cnn(tmp_path):
