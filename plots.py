@@ -432,7 +432,13 @@ def select(results: rs.Results, **values) -> rs.Results:
 
 def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
     """The results at the `chosen` settings and, for each other setting that still varies (the remedies aside: the
-    report compares them), its default value where the campaign ran it, else its smallest; and the slice taken."""
+    report compares them), its default value where the campaign ran it, else its smallest; and the slice taken.
+    A `chosen` setting or value the campaign did not run is a ValueError naming those it did."""
+    for field, value in chosen.items():
+        if field not in rs.GROUP_FIELDS:
+            raise ValueError(f"SLICE: {field!r} is not a setting of a run; the settings: {', '.join(rs.GROUP_FIELDS)}")
+        if str(value) not in (ran := sorted(results.summary[field].dropna().astype(str).unique())):
+            raise ValueError(f"SLICE: {field}={value!r} is not among the values this campaign ran: {', '.join(ran)}")
     several = [f for f in varying(results.summary) if f not in REMEDY_FIELDS and f not in chosen]
     chosen = {**chosen, **{f: default_or_smallest(f, results.summary[f]) for f in several}}
     return select(results, **chosen), chosen

@@ -2,6 +2,7 @@
 committed results): which figures exist, and that every drawn line is one experiment."""
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -569,6 +570,11 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     results, chosen = plots.report_slice(rs.read_results(campaign(tmp_path, records)), {})
     assert chosen == {"precision": "float32", "learning_rate": 0.01}
     assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
+    for chosen, message in [({"precision": "float16"}, "SLICE: precision='float16' is not among the values this "
+                                                       "campaign ran: bfloat16, float32"),
+                            ({"learning_rat": 0.01}, "SLICE: 'learning_rat' is not a setting of a run; the settings: ")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plots.report_slice(rs.read_results(campaign(tmp_path, records)), chosen)
     widths = [r for sizes in ((512,), (64,), (64, 32)) for r in grid_records(("relu",), hidden_sizes=sizes)]
     assert plots.report_slice(rs.read_results(campaign(tmp_path / "widths", widths)), {})[1] == {"hidden_sizes": "64"}
 
