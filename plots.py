@@ -87,7 +87,8 @@ def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
     noise = [number.get(m, t) if t == "label_matrix" else t
              for m, t in zip(table["noise_matrix"], table["noise_type"])]
-    return pd.concat([table, pd.DataFrame({"setting": setting, "noise": noise}, index=table.index)], axis=1)
+    columns = pd.DataFrame({"setting": setting, "noise": noise}, index=table.index)
+    return pd.concat([table, columns], axis=1).copy()  # one block: figures add columns of their own
 
 
 def ordered(values, canonical) -> list:
@@ -279,7 +280,7 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     if summary["loss"].nunique() < 2 or not (summary["loss"] == "ce").any():
         return None
     with_effects = summary.merge(rs.loss_effects(runs), on=rs.GROUP_FIELDS, how="left")
-    frame = experiments(with_effects, apart=rs.LOSS_FIELDS).copy()  # one block: columns are added below
+    frame = experiments(with_effects, apart=rs.LOSS_FIELDS)
     frame = frame.assign(variant=loss_variant(frame))
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "ce", v))
 
@@ -300,18 +301,21 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
 
 
 def plot_models(summary: pd.DataFrame) -> Figure | None:
-    """Figure 14: model types side by side, a line per model, a panel per noise type and metric."""
-    frame = experiments(summary[summary["loss"] == "ce"], apart=["model_type"])
+    """Figure 14: model types side by side (an MLP per width where its widths vary), a line per model, a row per
+    setting, activation and noise type."""
+    frame = experiments(summary[summary["loss"] == "ce"], apart=["model_type", "hidden_sizes"])
     if frame["model_type"].nunique() < 2:
         return None
+    widths = (" " + frame["hidden_sizes"]).fillna("") if frame["hidden_sizes"].nunique() > 1 else ""
+    frame = frame.assign(model=frame["model_type"] + widths)
+    colors = {model: f"C{i}" for i, model in enumerate(sorted(frame["model"].unique()))}
 
     def draw(ax, part, metric):
-        for i, (model, line) in enumerate(part.groupby("model_type")):
-            errorbar_line(ax, line, metric, model, f"C{i}")
+        for model, line in part.groupby("model"):
+            errorbar_line(ax, line, metric, model, colors[model])
         theory(ax, part, metric)
-    groups = frame.groupby(["setting", "activation", "noise"], sort=False)
-    panels = [[(f"{setting} · {activation} · {noise}", part, m) for (setting, activation, noise), part in groups]
-              for m in ("test_accuracy", "test_loss")]
+    panels = [[(f"{setting} · {activation} · {noise}", part, m) for m in ("test_accuracy", "test_loss")]
+              for (setting, activation, noise), part in frame.groupby(["setting", "activation", "noise"], sort=False)]
     return grid(panels, draw, "Models under each noise type" + OVER_SEEDS)
 
 

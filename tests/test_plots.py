@@ -509,6 +509,20 @@ def test_models_figure_draws_a_line_per_model_on_the_same_seeds(tmp_path):
     assert plots.plot_models(rs.read_results(campaign(tmp_path / "one", grid_records(("relu",)))).summary) is None
 
 
+def test_models_figure_draws_an_mlp_per_width_beside_the_cnn_in_the_same_panels(tmp_path):
+    records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
+    records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
+    summary = rs.read_results(campaign(tmp_path, records)).summary
+    fig = plots.plot_models(summary)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["mnist · relu · label_flip"] * 2  # a row: accuracy, cross-entropy
+    for ax, metric in zip(panels, ("test_accuracy", "test_loss")):
+        lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers if isinstance(c, ErrorbarContainer)}
+        assert sorted(lines) == ["cnn", "mlp 32-16", "mlp 64"]
+        mlp_64 = summary[(summary["hidden_sizes"] == "64") & (summary["noise_type"] == "label_flip")].sort_values("p")
+        np.testing.assert_array_equal(lines["mlp 64"], mlp_64[f"{metric}_mean"])
+
+
 def test_a_cnn_beside_mlps_of_two_widths_has_no_widths_in_its_panel_titles(tmp_path):
     records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
     records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
