@@ -12,6 +12,7 @@ import pytest
 from nbclient import NotebookClient
 
 import plots
+import registry
 from conftest import campaign, grid_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +80,14 @@ def test_notebook_pointed_at_a_smoke_campaign_draws_that_campaigns_figures(mnist
 
 
 @pytest.mark.slow
-def test_strings_from_the_results_files_are_escaped_in_the_report(tmp_path, monkeypatch):
-    """A results file is data, not markup: a dataset name with HTML in it is shown as text."""
+def test_the_report_shows_strings_of_the_results_files_as_text_and_counts_each_run_once(tmp_path, monkeypatch):
+    """A results file is data, not markup: a dataset name with HTML in it is shown as text. A run reported after two
+    lengths is one run, though it has a row per length."""
     name = "<b>mnist</b>"
-    results_dir = campaign(tmp_path / "campaign", grid_records(("relu",), ("label_flip",), seeds=(11, 22),
-                                                                dataset=name))
+    records = grid_records(("relu",), ("label_flip",), seeds=(11, 22), dataset=name)
+    for r in records:
+        r["reported"] = {"1": {**{m: r[m] for m in registry.METRICS}, "reliability": r["reliability"]}}
+    results_dir = campaign(tmp_path / "campaign", records)
     monkeypatch.setenv("ANALYSIS_RESULTS_DIR", str(results_dir))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -94,3 +98,6 @@ def test_strings_from_the_results_files_are_escaped_in_the_report(tmp_path, monk
     markdown = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
                 if "text/markdown" in output.get("data", {})]
     assert markdown == []  # no Markdown is built from the results
+    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.outputs)
+    assert f"{results_dir}: {len(records)} ok runs; " in printed
