@@ -450,12 +450,12 @@ def run_kind(spec: RunSpec) -> tuple:
 def interleaved(specs: list[RunSpec]) -> list[RunSpec]:
     """The runs, one of each kind in turn (else in grid order): the first to finish stand for the rest, so the
     ETA holds from the start whatever order the axes give, and a stopped campaign has some runs of each kind."""
-    turns = Counter()
-
-    def turn(spec: RunSpec) -> int:
-        turns[run_kind(spec)] += 1
-        return turns[run_kind(spec)]
-    return sorted(specs, key=turn)
+    seen, turns = Counter(), []
+    for spec in specs:
+        kind = run_kind(spec)
+        seen[kind] += 1
+        turns.append(seen[kind])
+    return [spec for _, spec in sorted(zip(turns, specs), key=lambda pair: pair[0])]
 
 
 # ---------------------------------------------------------------- the campaign
