@@ -740,7 +740,8 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
                  f"{counts['pending']} pending."
                  + (f" {counts['not_identifiable']} not run: forward correction with a singular T."
                     if counts["not_identifiable"] else ""))
-    failed = [r for r in campaign.records.values() if r["status"] in ("failed", "diverged")]
+    failed = sorted((r for r in campaign.records.values() if r["status"] in ("failed", "diverged")),
+                    key=lambda record: run_name(record, campaign.varying))
     for record in failed:
         campaign.say(f"  {record['status']} run {record['run_id']}: {describe_run(record, campaign.varying)}")
     target = campaign.target

@@ -1154,27 +1154,29 @@ def test_failed_runs_are_not_retried_when_retry_failed_is_off(mnist, mnist_dir, 
 def test_diverged_runs_are_recorded_and_not_rerun(mnist, mnist_dir, tmp_path, no_figures):
     """A run whose training loss becomes NaN is `diverged`: deterministic, so never retried."""
     out = tmp_path / "results"
-    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0", "--optimizer", "sgd",
+    argv = tiny_argv(out, mnist_dir, "--noise_types", "label_flip", "--ps", "0,0.5", "--optimizer", "sgd",
                      "--learning_rate", "1e12")
     code, stdout, stderr = run_main(argv)
     assert code == 1, stdout + stderr
     records = rs.RunStore(out).load()
-    assert len(records) == 2
+    assert len(records) == 4
     for run_id, record in records.items():
         assert record["status"] == "diverged" and record["attempts"] == 1
         assert record["diverged_epoch"] == 1 and record["diverged_step"] >= 1
         assert f"training loss became nan at step {record['diverged_step']} of epoch 1" == record["error"]
-        assert f"  diverged run {run_id}: [DIVERGED] mlp/relu none p=0.00" in stdout
-    assert len(per_run_lines(stdout)) == 2 and all(line.startswith("[DIVERGED] ") for line in per_run_lines(stdout))
-    assert "0 ok, 0 failed, 2 diverged, 0 pending." in stdout
+    closing = [line.split(": ")[1] for line in stdout.splitlines() if line.startswith("  diverged run ")]
+    assert closing == [f"[DIVERGED] mlp/relu {point} r{r}" for point in ("label_flip p=0.50", "none p=0.00")
+                       for r in (0, 1)]  # in the order of their names
+    assert len(per_run_lines(stdout)) == 4 and all(line.startswith("[DIVERGED] ") for line in per_run_lines(stdout))
+    assert "0 ok, 0 failed, 4 diverged, 0 pending." in stdout
     per_run = rs.read_csv(out / rs.PER_RUN_CSV)
     assert (per_run["status"] == "diverged").all() and len(rs.read_csv(out / rs.SUMMARY_CSV)) == 0
     assert json.loads((out / rs.CAMPAIGN_JSON).read_text())["counts"] == \
-        {"done": 0, "failed": 0, "diverged": 2, "not_identifiable": 0, "pending": 0}
+        {"done": 0, "failed": 0, "diverged": 4, "not_identifiable": 0, "pending": 0}
     stamps = snapshot(out)
     code, stdout, _ = run_main([*argv, "--max_attempts", "5"])
     assert code == 1
-    assert "2 runs in the grid, 0 already done, 2 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
+    assert "4 runs in the grid, 0 already done, 4 not to rerun (failed for good, diverged or not identifiable), 0 to run" in stdout
     assert snapshot(out) == stamps
 
 
