@@ -134,6 +134,8 @@ def grid(panels: list[list], draw, title: str, xlabel: str = "noise level p") ->
             ax.set(title=wrapped(name), xlabel=xlabel, ylabel=LABELS.get(metric, metric))
             if xlabel == "epoch":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if metric == "selected_epoch":  # one tick where every run picks the same epoch
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             if metric in UNIT_RANGE:
                 ax.set_ylim(-0.02, 1.02)
     handles = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels())}

@@ -379,6 +379,18 @@ def test_learning_curves_of_two_epochs_have_integer_epoch_ticks(tmp_path, monkey
         assert {"1", "2"} <= set(labels) and all(re.fullmatch(r"\d+", label) for label in labels), labels
 
 
+def test_the_selected_epoch_has_integer_ticks_when_every_run_picks_the_same(tmp_path):
+    records = grid_records(("relu",), ("label_flip",), validation_fraction=0.1)
+    for record in records:
+        record["selected_epoch"] = 1
+    fig = plots.plot_early_stopping(rs.read_results(campaign(tmp_path, records)).summary)
+    fig.canvas.draw()
+    selected = [ax for ax in fig.axes if ax.get_ylabel() == plots.LABELS["selected_epoch"]]
+    assert len(selected) == 1
+    low, high = selected[0].get_ylim()
+    assert [tick for tick in selected[0].get_yticks() if low <= tick <= high] == [1]
+
+
 def test_the_remedy_and_transition_tables_of_runs_with_only_ce_say_so(tmp_path):
     runs = rs.read_results(campaign(tmp_path, grid_records(("relu",), ("label_flip",)))).runs
     assert set(runs["loss"]) == {"ce"}
