@@ -143,8 +143,24 @@ def axis_values(config: dict, name: str) -> list:
     return value if isinstance(value, list) else [value]
 
 
+def registered(title: str, entries: dict[str, str]) -> str:
+    """A section of --help's closing text: a registry's entries, one per line with its description."""
+    width = max(map(len, entries))
+    return f"{title}:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in entries.items())
+
+
+def with_defaults(loss) -> str:
+    """A loss's description and, where it has settings, their defaults."""
+    settings = ", ".join(f"{name} = {value:g}" for name, value in loss.settings.items())
+    return f"{loss.description} [{settings}]" if settings else loss.description
+
+
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    noise_types = {name: registry.NOISE_TYPES[name].description for name in registry.noisy_types()}
+    losses = {name: with_defaults(loss) for name, loss in LOSSES.items()}
+    epilog = f"{registered('noise types', noise_types)}\n\n{registered('losses [default loss_settings]', losses)}"
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     block = Path(__file__).read_text().split("# =====")[1]  # the comment after each config name: its flag's help
     comments = dict(re.findall(r"^(\w+) = .*?#\s*(.+)$", block, flags=re.MULTILINE))
     for name, default in defaults.items():

@@ -2,6 +2,7 @@
 the summaries; the tables and figures load without torch; the closed-form theory of the label noise types."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import nnet_models as nm
 import registry
 import results_store as rs
 import run_experiments as rx
+from losses import LOSSES
 from conftest import run_main, tiny_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,19 @@ def test_the_toy_noise_type_passes_validation(toys, mnist_dir):
     assert {s.config.noise_type for s in specs} == {registry.CLEAN, "label_flip", TOY_NOISE}
     # a label noise type: it gets the extra label noise levels too
     assert rx.noise_ps(TOY_NOISE, {"ps": [0.0, 0.5], "extra_label_ps": [0.9]}) == [0.0, 0.5, 0.9]
+
+
+def test_help_lists_every_noise_type_and_loss_with_its_description(toys, capsys):
+    with pytest.raises(SystemExit):
+        rx.main(["--help"])
+    shown = capsys.readouterr().out
+    assert re.search(rf"^  {TOY_NOISE} +a share p of labels relabelled as class 0$", shown, flags=re.MULTILINE)
+    for name in registry.noisy_types():
+        description = registry.NOISE_TYPES[name].description
+        assert re.search(rf"^  {name} +{re.escape(description)}$", shown, flags=re.MULTILINE)
+    for name, loss in LOSSES.items():
+        assert re.search(rf"^  {name} +{re.escape(loss.description)}", shown, flags=re.MULTILINE)
+    assert "(Zhang & Sabuncu 2018) [q = 0.7]\n" in shown and "(Wang et al. 2019) [alpha = 0.01, beta = 1, A = -4]\n" in shown
 
 
 def test_the_toy_noise_redraws_exactly_round_pN_labels_from_its_matrix(toys, mnist):
