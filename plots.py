@@ -431,7 +431,8 @@ def select(results: rs.Results, **values) -> rs.Results:
     which has no hidden_sizes, is in every slice of them."""
     def part(table):
         for field, value in values.items():
-            table = table[(table[field].astype(str) == str(value)) | table[field].isna() & (field == "hidden_sizes")]
+            chosen = table[field].isna() if value is None else table[field].astype(str) == str(value)
+            table = table[chosen | table[field].isna() & (field == "hidden_sizes")]
         return table
     return rs.Results(*(part(table) for table in dataclasses.astuple(results)))
 
@@ -443,20 +444,26 @@ def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
     for field, value in chosen.items():
         if field not in rs.GROUP_FIELDS:
             raise ValueError(f"SLICE: {field!r} is not a setting of a run; the settings: {', '.join(rs.GROUP_FIELDS)}")
-        if str(value) not in (ran := sorted(results.summary[field].dropna().astype(str).unique())):
+        if str(value) not in (ran := ran_values(results.summary[field])):
             raise ValueError(f"SLICE: {field}={value!r} is not among the values this campaign ran: {', '.join(ran)}")
     several = [f for f in varying(results.summary) if f not in REMEDY_FIELDS and f not in chosen]
     chosen = {**chosen, **{f: default_or_smallest(f, results.summary[f]) for f in several}}
     return select(results, **chosen), chosen
 
 
+def ran_values(column: pd.Series) -> list[str]:
+    """A setting's values in a table, as text; "None" where it is empty (max_train_samples: all samples)."""
+    return sorted(column.dropna().astype(str).unique()) + (["None"] if column.isna().any() else [])
+
+
 def default_or_smallest(field: str, values: pd.Series):
     """The value of `field` a run gets by default (TrainConfig) if it is among `values`, else the smallest of them
     (hidden_sizes: by their widths, so that 64 comes before 512)."""
-    widths = (lambda v: tuple(map(int, v.split("-")))) if field == "hidden_sizes" else None
-    values = sorted(values.dropna().unique(), key=widths)
     default = rs.csv_value(getattr(registry.TrainConfig(), field))
-    return default if default in values else values[0]
+    if str(default) in ran_values(values):
+        return default
+    widths = (lambda v: tuple(map(int, v.split("-")))) if field == "hidden_sizes" else None
+    return sorted(values.dropna().unique(), key=widths)[0]
 
 
 def overview_table(summary: pd.DataFrame) -> pd.DataFrame:

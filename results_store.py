@@ -429,14 +429,15 @@ REWRITE = "rewrite it from the stored runs with the campaign's command (it runs 
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A CSV of this module, run ids read as text so that every table agrees on their type."""
+    """A CSV of this module, run ids read as text so that every table agrees on their type, and max_train_samples
+    as whole numbers (empty: all samples)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is this a campaign's output_dir, and has a run finished?")
     if not ends_with_newline(path):  # written whole, a CSV ends with one
         warnings.warn(f"{path} ends in the middle of a line: it is truncated; {REWRITE}")
     try:
         table = pd.read_csv(path, dtype={"run_id": str, "noise_matrix": str, "hidden_sizes": str, "loss_settings": str,
-                                        "estimated_transition": str})
+                                        "estimated_transition": str, "max_train_samples": "Int64"})
     except ValueError as exc:  # not a CSV, or not text
         raise BrokenCSVError(f"{path} cannot be read ({' '.join(str(exc).split())[:120]}): {REWRITE}") from None
     if missing := [column for column in KEY_COLUMNS.get(path.name, []) if column not in table]:

@@ -593,6 +593,18 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     assert plots.report_slice(rs.read_results(campaign(tmp_path / "widths", widths)), {})[1] == {"hidden_sizes": "64"}
 
 
+def test_the_report_slice_takes_all_samples_where_the_campaign_ran_them(tmp_path):
+    """max_train_samples' default, None (all samples), is an empty cell of the CSVs: the slice takes it, and a
+    chosen number of samples is matched as a whole number."""
+    records = [r for samples in (None, 500) for r in grid_records(("relu",), ("label_flip",), max_train_samples=samples)]
+    results = rs.read_results(campaign(tmp_path, records))
+    everything, chosen = plots.report_slice(results, {})
+    assert chosen == {"max_train_samples": None} and everything.runs["max_train_samples"].isna().all()
+    assert len(everything.runs) == len(records) // 2
+    some, chosen = plots.report_slice(results, {"max_train_samples": 500})
+    assert chosen == {"max_train_samples": 500} and set(some.summary["max_train_samples"]) == {500}
+
+
 def test_the_report_slice_of_mlp_widths_keeps_the_cnn(tmp_path):
     records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
     records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
