@@ -629,8 +629,10 @@ def drawn(name: str, results: rs.Results, file: str | None = None) -> list[tuple
             raise
         field = max(fields, key=lambda f: results.summary[f].nunique())
         print(f"note: {exc}; drawn once per {field} (or choose a slice: plots.select)")
-        stem = Path(file).stem
-        return [item for value in sorted(results.summary[field].dropna().unique(), key=str)
+        stem, values = Path(file).stem, sorted(results.summary[field].dropna().unique(), key=str)
+        if field != "hidden_sizes" and results.summary[field].isna().any():  # a CNN is in every slice of widths
+            values.append(None)  # max_train_samples: all samples
+        return [item for value in values
                 for item in drawn(name, select(results, **{field: value}), f"{stem}__{field}={value}.png")]
     return [] if fig is None else [(file, fig)]
 

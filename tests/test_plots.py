@@ -605,6 +605,21 @@ def test_the_report_slice_takes_all_samples_where_the_campaign_ran_them(tmp_path
     assert chosen == {"max_train_samples": 500} and set(some.summary["max_train_samples"]) == {500}
 
 
+def test_a_figure_split_by_the_number_of_samples_draws_the_runs_on_all_samples_too(tmp_path, capsys):
+    records = [r for samples in (None, 100, 200, 300, 400)
+               for r in grid_records(("relu", "tanh", "sigmoid"), ("label_flip", "pixel_uniform"), SEEDS[:2],
+                                     max_train_samples=samples)]
+    summary = rs.read_results(campaign(tmp_path, records)).summary
+    drawn = dict(plots.drawn("label_vs_pixel", rs.read_results(tmp_path)))
+    assert "drawn once per max_train_samples" in capsys.readouterr().out
+    assert sorted(drawn) == sorted(f"fig3_label_vs_pixel__max_train_samples={n}.png" for n in (None, 100, 200, 300, 400))
+    on_all = summary[summary["max_train_samples"].isna() & (summary["activation"] == "relu")
+                     & (summary["noise_type"] == "label_flip")].sort_values("p")
+    lines = [c.lines[0].get_ydata() for _, c in errorbars(drawn["fig3_label_vs_pixel__max_train_samples=None.png"])
+             if c.get_label() == "label_flip"]
+    assert any(np.array_equal(line, on_all["test_accuracy_mean"]) for line in lines)
+
+
 def test_the_report_slice_of_mlp_widths_keeps_the_cnn(tmp_path):
     records = [r for widths in ((64,), (32, 16)) for r in grid_records(("relu",), ("label_flip",), hidden_sizes=widths)]
     records += grid_records(("relu",), ("label_flip",), model_type="cnn", hidden_sizes=())
