@@ -586,7 +586,8 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     assert set(zip(results.runs["precision"], results.runs["learning_rate"])) == {("float32", 0.01)}
     for chosen, message in [({"precision": "float16"}, "SLICE: precision='float16' is not among the values this "
                                                        "campaign ran: bfloat16, float32"),
-                            ({"learning_rat": 0.01}, "SLICE: 'learning_rat' is not a setting of a run; the settings: ")]:
+                            ({"learning_rat": 0.01},
+                             "SLICE: 'learning_rat' is not a setting of a run; the settings: ")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             plots.report_slice(rs.read_results(campaign(tmp_path, records)), chosen)
     widths = [r for sizes in ((512,), (64,), (64, 32)) for r in grid_records(("relu",), hidden_sizes=sizes)]
@@ -596,7 +597,8 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
 def test_the_report_slice_takes_all_samples_where_the_campaign_ran_them(tmp_path):
     """max_train_samples' default, None (all samples), is an empty cell of the CSVs: the slice takes it, and a
     chosen number of samples is matched as a whole number."""
-    records = [r for samples in (None, 500) for r in grid_records(("relu",), ("label_flip",), max_train_samples=samples)]
+    records = [r for samples in (None, 500)
+               for r in grid_records(("relu",), ("label_flip",), max_train_samples=samples)]
     results = rs.read_results(campaign(tmp_path, records))
     everything, chosen = plots.report_slice(results, {})
     assert chosen == {"max_train_samples": None} and everything.runs["max_train_samples"].isna().all()
@@ -612,7 +614,8 @@ def test_a_figure_split_by_the_number_of_samples_draws_the_runs_on_all_samples_t
     summary = rs.read_results(campaign(tmp_path, records)).summary
     drawn = dict(plots.drawn("label_vs_pixel", rs.read_results(tmp_path)))
     assert "drawn once per max_train_samples" in capsys.readouterr().out
-    assert sorted(drawn) == sorted(f"fig3_label_vs_pixel__max_train_samples={n}.png" for n in (None, 100, 200, 300, 400))
+    assert sorted(drawn) == sorted(f"fig3_label_vs_pixel__max_train_samples={n}.png"
+                                   for n in (None, 100, 200, 300, 400))
     on_all = summary[summary["max_train_samples"].isna() & (summary["activation"] == "relu")
                      & (summary["noise_type"] == "label_flip")].sort_values("p")
     lines = [c.lines[0].get_ydata() for _, c in errorbars(drawn["fig3_label_vs_pixel__max_train_samples=None.png"])
