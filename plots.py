@@ -438,17 +438,23 @@ def select(results: rs.Results, **values) -> rs.Results:
 
 
 def report_slice(results: rs.Results, chosen: dict) -> tuple[rs.Results, dict]:
-    """The results at the `chosen` settings and, for each other setting that still varies (the remedies aside: the
-    report compares them), its default value where the campaign ran it, else its smallest; and the slice taken.
-    A `chosen` setting or value the campaign did not run is a ValueError naming those it did."""
+    """The results at the `chosen` settings and then, for each other setting that still varies among them (the
+    remedies aside: the report compares them), at its default value where they have it, else at its smallest; and
+    the slice taken. A `chosen` setting or value the results do not have is a ValueError naming those they do."""
+    taken = {}
     for field, value in chosen.items():
         if field not in rs.GROUP_FIELDS:
             raise ValueError(f"SLICE: {field!r} is not a setting of a run; the settings: {', '.join(rs.GROUP_FIELDS)}")
         if str(value) not in (ran := ran_values(results.summary[field])):
-            raise ValueError(f"SLICE: {field}={value!r} is not among the values this campaign ran: {', '.join(ran)}")
-    several = [f for f in varying(results.summary) if f not in REMEDY_FIELDS and f not in chosen]
-    chosen = {**chosen, **{f: default_or_smallest(f, results.summary[f]) for f in several}}
-    return select(results, **chosen), chosen
+            among = "".join(f" with {k}={v}" for k, v in taken.items())
+            raise ValueError(f"SLICE: {field}={value!r} is not among the values this campaign ran{among}: "
+                             f"{', '.join(ran)}")
+        results, taken = select(results, **{field: value}), {**taken, field: value}
+    for field in [f for f in varying(results.summary) if f not in REMEDY_FIELDS]:
+        if field in varying(results.summary):  # else the settings taken before have settled it
+            taken[field] = default_or_smallest(field, results.summary[field])
+            results = select(results, **{field: taken[field]})
+    return results, taken
 
 
 def ran_values(column: pd.Series) -> list[str]:

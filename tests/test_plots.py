@@ -594,6 +594,20 @@ def test_the_report_slice_takes_a_settings_default_else_its_smallest_value(tmp_p
     assert plots.report_slice(rs.read_results(campaign(tmp_path / "widths", widths)), {})[1] == {"hidden_sizes": "64"}
 
 
+def test_the_report_slice_takes_each_setting_among_the_runs_the_settings_before_it_left(tmp_path):
+    """Two grids in one output_dir: batches of 64 without weight decay, of 128 with. The default batch size, 128,
+    leaves weight decay 1e-4 only: the slice takes it rather than the default 0, which would leave nothing."""
+    records = [r for batch, decay in ((64, 0.0), (128, 1e-4))
+               for r in grid_records(("relu",), ("label_flip",), batch_size=batch, weight_decay=decay)]
+    results = rs.read_results(campaign(tmp_path, records))
+    sliced, chosen = plots.report_slice(results, {})
+    assert chosen == {"batch_size": 128} and len(sliced.runs) == len(records) // 2
+    assert set(zip(sliced.summary["batch_size"], sliced.summary["weight_decay"])) == {(128, 1e-4)}
+    with pytest.raises(ValueError, match=re.escape("SLICE: weight_decay=0.0 is not among the values this campaign "
+                                                   "ran with batch_size=128: 0.0001")):
+        plots.report_slice(results, {"batch_size": 128, "weight_decay": 0.0})
+
+
 def test_the_report_slice_takes_all_samples_where_the_campaign_ran_them(tmp_path):
     """max_train_samples' default, None (all samples), is an empty cell of the CSVs: the slice takes it, and a
     chosen number of samples is matched as a whole number."""
