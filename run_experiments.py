@@ -383,12 +383,16 @@ def loss_variants(config: dict) -> list[tuple[str, tuple[tuple[str, float], ...]
 TRAINING_AXES = [name for name in AXES if name not in ("noise_types", "ps", "losses", "epochs")]
 
 
+def architectures(config: dict) -> int:
+    """The grid's models: an MLP per hidden_sizes, and the CNN, which has no widths."""
+    models = axis_values(config, "model_types")
+    return models.count("mlp") * len(axis_values(config, "hidden_sizes")) + models.count("cnn")
+
+
 def grid_size(config: dict) -> int:
     """The number of runs build_grid would make, counted without making them."""
-    models = axis_values(config, "model_types")
-    architectures = models.count("mlp") * len(axis_values(config, "hidden_sizes")) + models.count("cnn")
     others = [name for name in TRAINING_AXES if name not in ("model_types", "hidden_sizes")]
-    return (math.prod(len(axis_values(config, name)) for name in others) * architectures
+    return (math.prod(len(axis_values(config, name)) for name in others) * architectures(config)
             * len(loss_variants(config)) * len(noise_points(config)) * config["repeats"])
 
 
@@ -853,7 +857,7 @@ def grid_factors(config: dict) -> str:
     if "cnn" in models and widths > 1:  # a CNN has one architecture, whatever the hidden_sizes
         del axes["hidden_sizes"]
         if "mlp" in models:
-            axes["model_types"] = f"{widths + 1} architectures (mlp at {widths} hidden_sizes, cnn)"
+            axes["model_types"] = f"{architectures(config)} architectures (mlp at {widths} hidden_sizes, cnn)"
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
     reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each"
