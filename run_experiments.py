@@ -645,12 +645,12 @@ class Campaign:
         self.started = time.monotonic()
         # a progress bar on a terminal; redirected output gets plain lines with an ETA only
         self.bar = tqdm(total=len(todo), unit="run", dynamic_ncols=True, disable=not sys.stdout.isatty() or not todo)
-        previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
         executor = executor_for(self.config)
         for spec in todo:
             executor.submit(spec)
         try:
-            with contextlib.closing(executor.as_completed()) as outcomes:  # closing it stops the workers at once
+            # SIGTERM stops as Ctrl-C does; closing the outcomes stops the workers at once
+            with signals_interrupting(), contextlib.closing(executor.as_completed()) as outcomes:
                 for spec, outcome in outcomes:
                     if isinstance(outcome, executors.WorkerDied):  # else the executor returns run_one's record
                         outcome = {**run_record(spec, "failed", str(outcome)), "attempts": outcome.attempts}
@@ -666,7 +666,6 @@ class Campaign:
             self.say(f"error: {exc}", error=True)
             return "stopped"
         finally:
-            signal.signal(signal.SIGTERM, previous_sigterm)
             self.bar.close()
         return "finished"
 
@@ -680,7 +679,10 @@ class Campaign:
         self.write_metadata()
         try:
             import plots
-            plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
+            with signals_interrupting():  # the CSVs are written: Ctrl-C need not wait for the figures
+                plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
+        except KeyboardInterrupt:
+            self.say("Interrupted: the headline figures were not drawn; the command below draws them.")
         except Exception as exc:  # figures are a convenience; the CSVs are the result
             self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
 
@@ -736,14 +738,24 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def signals_ignored():
-    """Ctrl-C and SIGTERM ignored: once the runs have stopped, they would lose the closing lines, not time."""
-    previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in (signal.SIGINT, signal.SIGTERM)}
+def signals_handled(handler):
+    """Ctrl-C and SIGTERM handled by `handler` meanwhile."""
+    previous = {stop: signal.signal(stop, handler) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
+
+
+def signals_ignored():
+    """Ctrl-C and SIGTERM ignored: once the runs have stopped, they would lose the closing lines, not time."""
+    return signals_handled(signal.SIG_IGN)
+
+
+def signals_interrupting():
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt."""
+    return signals_handled(signal.default_int_handler)
 
 
 def storage_error(exc: OSError) -> str:

@@ -416,6 +416,31 @@ def test_interrupt_just_after_a_record_is_saved_keeps_csvs_consistent(mnist, mni
     assert "6 runs in the grid, 3 already done, 3 to run" in stdout
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_headline_figures_are_drawn_skips_them(signum, mnist, mnist_dir, tmp_path, monkeypatch):
+    """Once every run is stored and the CSVs written, Ctrl-C or SIGTERM does not wait for the figures (a minute on
+    a large grid): they are skipped, and the closing lines still come."""
+    import plots
+
+    def interrupted_drawing(output_dir, names=None):
+        os.kill(os.getpid(), signum)
+        time.sleep(30)  # drawing: the signal's KeyboardInterrupt lands here
+        raise AssertionError("the signal was ignored")
+
+    monkeypatch.setattr(plots, "write_figures", interrupted_drawing)
+    out = tmp_path / "results"
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    code, stdout, stderr = run_main(tiny_argv(out, mnist_dir))
+    assert code == 0, stdout + stderr
+    assert "Could not draw" not in stderr
+    assert "Interrupted: the headline figures were not drawn; the command below draws them." in stdout
+    assert f"{TINY_RUNS} ok, 0 failed, 0 diverged, 0 pending." in stdout
+    assert "Every figure and the report: python plots.py" in stdout
+    assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == TINY_RUNS
+    assert json.loads((out / rs.CAMPAIGN_JSON).read_text())["finished_at"] is not None
+    assert signal.getsignal(signal.SIGTERM) == sigterm_handler  # restored
+
+
 def test_sigint_during_the_dry_run_ends_it_quietly(mnist_dir, tmp_path, campaigns):
     argv = ["--dry-run", "--smoke", "--data_dir", str(mnist_dir), "--output_dir", str(tmp_path / "out")]
     campaign = campaigns(argv, tmp_path / "dry-run.log")
