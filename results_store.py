@@ -207,10 +207,18 @@ def summarize(frame: pd.DataFrame, by: list[str], metrics) -> pd.DataFrame:
 
 
 def by_length(records: list[dict]) -> list[dict]:
-    """Each record, then for each shorter length it reports, the record with those results and `epochs`."""
-    return [row for record in records for row in
-            [record, *({**record, **results, "epochs": int(epochs)}
-                       for epochs, results in record.get("reported", {}).items())]]
+    """Each record, then for each shorter length it reports, the record with those results and `epochs`. A length
+    of a seed and setting that an earlier run of the store gives too (a grid rerun with more epochs listed) is the
+    same training, the earlier run's result once: pooling both would count one seed twice."""
+    rows, results_of = [], set()  # (settings, seed) of each ok row
+    for record in sorted(records, key=lambda r: (r.get("finished_at") or "", r["run_id"])):
+        for row in [record, *({**record, **results, "epochs": int(epochs)}
+                              for epochs, results in record.get("reported", {}).items())]:
+            key = (*(row[f] for f in GROUP_FIELDS), row["seed"]) if row["status"] == "ok" else None
+            if key is None or key not in results_of:
+                rows.append(row)
+                results_of.add(key)
+    return rows
 
 
 def per_run_table(records: list[dict]) -> pd.DataFrame:
@@ -411,11 +419,9 @@ def read_results(output_dir: str | Path) -> Results:
     output_dir = Path(output_dir)
     runs = read_csv(output_dir / PER_RUN_CSV)
     config = with_clean_runs_per_noise_type(runs[runs["status"] == "ok"])[["run_id", *GROUP_FIELDS]]
-    longest = config[config["epochs"] == config.groupby("run_id")["epochs"].transform("max")]
-    history = read_csv(output_dir / HISTORY_CSV).drop(columns=GROUP_FIELDS, errors="ignore").merge(longest, on="run_id")
-    reliability = (read_csv(output_dir / RELIABILITY_CSV)
-                   .drop(columns=[f for f in GROUP_FIELDS if f != "epochs"], errors="ignore")
-                   .merge(config, on=["run_id", "epochs"]))
+    others = [f for f in GROUP_FIELDS if f != "epochs"]  # a run's history is of the length it trained
+    history, reliability = (read_csv(output_dir / name).drop(columns=others, errors="ignore")
+                            .merge(config, on=["run_id", "epochs"]) for name in (HISTORY_CSV, RELIABILITY_CSV))
     return Results(runs=runs, summary=read_csv(output_dir / SUMMARY_CSV),
                    curves=summarize(history, GROUP_FIELDS + ["epoch"], registry.per_epoch_metrics()),
                    reliability=pool_reliability(reliability))

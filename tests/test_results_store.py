@@ -361,6 +361,32 @@ def test_a_run_reporting_shorter_lengths_gives_a_row_per_length(tmp_path):
     assert history["epoch"].tolist() == [1, 2, 3]  # the history is the run's, once
 
 
+def test_a_length_two_runs_of_a_seed_report_is_pooled_once(tmp_path):
+    """A grid rerun with epochs 1,2,3 after 2: its 3-epoch run repeats the 2-epoch run's training, and the seed's
+    result after 2 epochs is counted once (the earlier run's), in the summary, the reliability and the curves."""
+    def after(epochs, accuracy):
+        return {str(epochs): {"test_accuracy": accuracy, "test_loss": 1.0, "seconds": 1.0, "train_seconds": 0.5,
+                              "reliability": {"count": [0.0] * 14 + [10.0], "confidence": [math.nan] * 14 + [0.9],
+                                              "accuracy": [math.nan] * 14 + [accuracy]}}}
+
+    earlier = fake_record("a" * 16, epochs=2, accuracy=0.8)
+    rerun = fake_record("b" * 16, epochs=3, accuracy=0.95) | {"finished_at": "2024-02-01T00:00:00+00:00",
+                                                              "reported": after(1, 0.5) | after(2, 0.81)}
+    other_seed = fake_record("c" * 16, epochs=3, repeat=1, accuracy=0.97) | {"reported": after(1, 0.6) | after(2, 0.9)}
+    rs.write_csvs([rerun, other_seed, earlier], tmp_path)
+    per_run = rs.read_csv(tmp_path / rs.PER_RUN_CSV)
+    assert sorted(zip(per_run["epochs"], per_run["run_id"])) == [
+        (1, "b" * 16), (1, "c" * 16), (2, "a" * 16), (2, "c" * 16), (3, "b" * 16), (3, "c" * 16)]
+    results = rs.read_results(tmp_path)
+    summary = results.summary.set_index("epochs")
+    assert summary["n"].to_dict() == {1: 2, 2: 2, 3: 2}
+    assert summary.loc[2, "test_accuracy_mean"] == pytest.approx((0.8 + 0.9) / 2)
+    assert summary.loc[2, "test_accuracy_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert results.reliability.groupby("epochs")["count"].sum().to_dict() == {1: 20, 2: 1000 + 10, 3: 1000 + 1100}
+    curves = results.curves.set_index(["epochs", "epoch"])["n"]
+    assert curves.to_dict() == {(2, 1): 1, (2, 2): 1, (3, 1): 2, (3, 2): 2, (3, 3): 2}  # each run's own length
+
+
 def test_loss_effects_pair_each_loss_with_ce_on_the_same_seed():
     ce = [fake_record(f"c{r:015d}", p=0.5, repeat=r, accuracy=0.5 + r / 10) for r in range(3)]
     gce = [fake_record(f"g{r:015d}", p=0.5, repeat=r, accuracy=0.6 + r / 10 + r * r / 100, training_loss="gce")
