@@ -608,7 +608,17 @@ class Campaign:
                 print(message, file=stream, flush=True)
         except BrokenPipeError:  # its reader has gone (| head): the campaign runs on, and the log has every line
             rs.silence(stream)
-        self.log_file.write(f"{now()} {message}\n")
+        try:
+            if not self.log_file.closed:
+                self.log_file.write(f"{now()} {message}\n")
+        except OSError as exc:  # a full disk: the console has the lines, and storing the next run stops the campaign
+            self.close_log()
+            print(f"warning: could not write {self.log_file.name}: {exc.strerror or exc}; the log stops here",
+                  file=sys.stderr)
+
+    def close_log(self) -> None:
+        with contextlib.suppress(OSError):  # a line it could not write is still in its buffer
+            self.log_file.close()
 
     def status(self, run_id: str) -> str:
         return self.records.get(run_id, {"status": "pending"})["status"]
@@ -733,7 +743,7 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         campaign.say(storage_error(exc), error=True)
         return 1
     finally:
-        campaign.log_file.close()
+        campaign.close_log()
         campaign.lock.close()
 
 

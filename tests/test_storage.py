@@ -53,3 +53,28 @@ def test_a_read_only_output_dir_is_refused_before_anything_runs(mnist, mnist_dir
     assert code == 2 and stdout == ""
     assert stderr.strip() == f"error: output_dir: {str(out)!r} is not writable (no write permission on {out})"
     assert sorted(p.name for p in (out / "runs").iterdir()) == before
+
+
+def test_a_log_that_cannot_be_written_stops_the_log_not_the_campaign(mnist, mnist_dir, tmp_path, monkeypatch,
+                                                                     no_figures):
+    """campaign.log on a full disk (/dev/full: every write fails with ENOSPC): one warning, then the campaign goes
+    on, and its runs and closing lines are all there; were the disk full for the records too, storing the next one
+    would stop the campaign with the storage error."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    import run_experiments as rx
+
+    opened = rx.Campaign.__init__
+
+    def log_on_a_full_disk(self, *args):
+        opened(self, *args)
+        self.log_file.close()
+        self.log_file = open("/dev/full", "a", buffering=1)
+
+    monkeypatch.setattr(rx.Campaign, "__init__", log_on_a_full_disk)
+    out = tmp_path / "results"
+    code, stdout, stderr = run_main(tiny_argv(out, mnist_dir))
+    assert code == 0, stderr
+    assert stderr.splitlines() == ["warning: could not write /dev/full: No space left on device; the log stops here"]
+    assert f"{TINY_RUNS} ok, 0 failed, 0 diverged, 0 pending." in stdout
+    assert len(rs.RunStore(out).load()) == TINY_RUNS
