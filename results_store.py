@@ -363,15 +363,24 @@ class Target:
         return t_times_std(ok) / math.sqrt(len(ok)), False
 
 
+def in_repeat_order(runs: pd.DataFrame) -> np.ndarray:
+    """A point's test accuracies by repeat, NaN for a repeat without an ok run before its last one; empty where
+    repeats recur (the store holds runs of several campaign seeds): the rule's order is then lost."""
+    if runs["repeat"].duplicated().any():
+        return np.array([])
+    return runs.set_index("repeat")["test_accuracy"].reindex(range(runs["repeat"].max() + 1)).to_numpy()
+
+
 def with_target_intervals(summary: pd.DataFrame, ok: pd.DataFrame, target: Target) -> pd.DataFrame:
-    """The summary with test accuracy's interval from `target`'s rule, and `target_met`. A repeat that has no ok
-    run, before a point's last ok one, counts as a run that did not end ok."""
-    in_order = ok.groupby(GROUP_FIELDS, dropna=False, sort=True)[["repeat", "test_accuracy"]].apply(
-        lambda runs: runs.set_index("repeat")["test_accuracy"].reindex(range(runs["repeat"].max() + 1)).to_numpy())
+    """The summary with test accuracy's interval from `target`'s rule, and `target_met`; a point whose runs have no
+    one order of repeats keeps the plain t interval, its target not met."""
+    in_order = ok.groupby(GROUP_FIELDS, dropna=False, sort=True)[["repeat", "test_accuracy"]].apply(in_repeat_order)
     values = in_order.reindex(pd.MultiIndex.from_frame(summary[GROUP_FIELDS]))
-    intervals = pd.DataFrame([target.interval(v) for v in values], index=summary.index, columns=["half", "met"])
+    intervals = pd.DataFrame([target.interval(v) if len(v) else (math.nan, False) for v in values],
+                             index=summary.index, columns=["half", "met"])
     half, mean = intervals["half"].astype(float), summary["test_accuracy_mean"]
-    return summary.assign(test_accuracy_ci95_low=mean - half, test_accuracy_ci95_high=mean + half,
+    return summary.assign(test_accuracy_ci95_low=(mean - half).fillna(summary["test_accuracy_ci95_low"]),
+                          test_accuracy_ci95_high=(mean + half).fillna(summary["test_accuracy_ci95_high"]),
                           target_met=intervals["met"].astype(bool))
 
 

@@ -174,6 +174,24 @@ def test_the_summary_reports_each_rules_interval():
             assert summary.loc[p, "target_met"] == met
 
 
+def test_a_point_with_runs_of_two_campaign_seeds_gets_the_plain_interval():
+    """A store holding runs of two campaign seeds (the grid rerun with another `seed`) has two runs per repeat
+    number: the rule's order of repeats is lost, so the point gets the plain t interval of all its runs, its target
+    not met; a point with runs of one seed still gets the rule's."""
+    steady = [0.900, 0.901, 0.899]
+    rows = [dict(noise_type="label_flip", p=p, seed=campaign * 100 + r, repeat=r, test_accuracy=a + campaign / 100)
+            for p, campaigns in ((0.0, (0,)), (0.5, (0, 1))) for campaign in campaigns for r, a in enumerate(steady)]
+    summary = rs.summary_table(per_run_frame(rows), rs.Target(half_width=0.01, first_stage=3, max_repeats=10))
+    summary = summary.set_index("p")
+    two_seeds = [a + c / 100 for c in (0, 1) for a in steady]
+    half = stats.t.ppf(0.975, 5) * np.std(two_seeds, ddof=1) / math.sqrt(6)
+    assert summary.loc[0.5, "n"] == 6
+    assert summary.loc[0.5, "test_accuracy_ci95_high"] - summary.loc[0.5, "test_accuracy_mean"] == pytest.approx(half)
+    assert not summary.loc[0.5, "target_met"]
+    assert summary.loc[0.0, "target_met"]
+    assert summary.loc[0.0, "test_accuracy_ci95_high"] - summary.loc[0.0, "test_accuracy_mean"] == pytest.approx(0.01)
+
+
 @pytest.mark.slow
 def test_targeted_campaign_meets_its_target_or_the_cap_with_fewer_runs(mnist_dir, tmp_path, no_figures):
     """Every grid point meets the target, reported as mean +- target, or reaches max_repeats, reported with its
