@@ -679,9 +679,10 @@ class Campaign:
             self.bar.close()
         return "finished"
 
-    def write_outputs(self, finished: bool) -> None:
+    def write_outputs(self, finished: bool) -> bool:
         """The CSVs and headline figures, from the stored records (a signal may land between a save and its
-        bookkeeping); plots.py draws every figure on request (docs/performance.md)."""
+        bookkeeping); plots.py draws every figure on request (docs/performance.md). False: Ctrl-C or SIGTERM
+        skipped the figures."""
         self.records = self.store.load()
         self.recount()
         self.metadata["finished_at"] = now() if finished else None
@@ -693,8 +694,10 @@ class Campaign:
                 plots.write_figures(self.output_dir, names=plots.HEADLINE_FIGURES)
         except KeyboardInterrupt:
             self.say("Interrupted: the headline figures were not drawn; the command below draws them.")
+            return False
         except Exception as exc:  # figures are a convenience; the CSVs are the result
             self.say(f"Could not draw the figures: {type(exc).__name__}: {exc}", error=True)
+        return True
 
 
 def not_identifiable_note(specs: list[RunSpec]) -> str:
@@ -737,8 +740,9 @@ def run_campaign(config: dict, fresh: bool = False) -> int:
         except KeyboardInterrupt:  # another Ctrl-C while the workers stop
             ending = "interrupted"
         with signals_ignored():
-            campaign.write_outputs(finished=ending == "finished")
-            return report_outcome(campaign, ending)
+            drawn = campaign.write_outputs(finished=ending == "finished")
+            exit_code = report_outcome(campaign, ending)
+            return exit_code if drawn else 130  # stopped as asked, though nothing was left to run
     except OSError as exc:  # disk full, read-only, runs/ gone: stop, keeping what is stored
         campaign.say(storage_error(exc), error=True)
         return 1
