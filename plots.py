@@ -757,8 +757,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         runs = rs.read_csv(args.output_dir / rs.PER_RUN_CSV)
         if not (runs["status"] == "ok").any():
-            parser.exit(2, f"no finished run in {args.output_dir}/{rs.PER_RUN_CSV} (none has finished yet, or all "
-                           "failed): nothing to draw or report\n")
+            parser.exit(2, f"no finished run in {args.output_dir}/{rs.PER_RUN_CSV} (none has finished yet, or none "
+                           "ended ok): nothing to draw or report\n")
         paths = write_figures(args.output_dir)
         if args.report:
             paths.append(write_report(args.output_dir))

@@ -468,17 +468,18 @@ def test_a_report_that_cannot_be_written_leaves_the_previous_one(drawn):
 
 
 @pytest.mark.parametrize("options", [[], ["--report"]])
-@pytest.mark.parametrize("runs", ["failed", "none"])
+@pytest.mark.parametrize("runs", ["failed", "diverged", "none"])
 def test_a_campaign_without_a_finished_run_is_said_in_one_line(tmp_path, options, runs):
-    failed = [{**r, "status": "failed", "error": "RuntimeError"} for r in grid_records(("relu",), ("label_flip",))]
+    status = "failed" if runs == "none" else runs
+    failed = [{**r, "status": status, "error": "RuntimeError"} for r in grid_records(("relu",), ("label_flip",))]
     directory = campaign(tmp_path, failed)
     if runs == "none":  # a per-run CSV with its header only
         per_run = directory / rs.PER_RUN_CSV
         per_run.write_text(per_run.read_text().splitlines()[0] + "\n")
     done = run_plots(directory, *options)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == (f"no finished run in {directory}/{rs.PER_RUN_CSV} (none has finished yet, or all "
-                           "failed): nothing to draw or report\n")
+    assert done.stderr == (f"no finished run in {directory}/{rs.PER_RUN_CSV} (none has finished yet, or none "
+                           "ended ok): nothing to draw or report\n")
     assert not (directory / "figures").exists() and not (directory / "report.html").exists()
 
 
