@@ -809,11 +809,14 @@ def report_outcome(campaign: Campaign, ending: str) -> int:
 
 
 def plots_command(output_dir: Path) -> str:
-    """The shell command, from this working directory, that draws every figure of `output_dir` and its report."""
-    script = Path(__file__).resolve().with_name("plots.py")
-    with contextlib.suppress(ValueError):  # elsewhere: its full path
-        script = script.relative_to(Path.cwd())
-    return shlex.join(["python", str(script), str(output_dir), "--report"])
+    """The shell command, from this working directory and with this interpreter (a virtual environment's, say),
+    that draws every figure of `output_dir` and its report."""
+    def from_here(path: Path) -> str:  # elsewhere: its full path
+        with contextlib.suppress(ValueError):
+            return str(path.relative_to(Path.cwd()))
+        return str(path)
+    script = from_here(Path(__file__).resolve().with_name("plots.py"))
+    return shlex.join([from_here(Path(sys.executable).absolute()), script, str(output_dir), "--report"])
 
 
 # ---------------------------------------------------------------- checks before a campaign

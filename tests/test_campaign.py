@@ -829,11 +829,13 @@ def test_smoke_campaign_end_to_end(smoke):
 
 
 def test_the_report_command_of_the_closing_lines_reads_back_as_typed_from_any_directory(tmp_path, monkeypatch):
+    """With the interpreter that ran the campaign, as a user following the README has it: .venv/bin/python."""
     out = tmp_path / "my results"
+    monkeypatch.setattr(sys, "executable", str(ROOT / ".venv" / "bin" / "python"))
     monkeypatch.chdir(ROOT)
-    assert rx.plots_command(out) == f"python plots.py '{out}' --report"
+    assert rx.plots_command(out) == f".venv/bin/python plots.py '{out}' --report"
     monkeypatch.chdir(tmp_path)
-    assert shlex.split(rx.plots_command(out)) == ["python", str(ROOT / "plots.py"), str(out), "--report"]
+    assert shlex.split(rx.plots_command(out)) == [sys.executable, str(ROOT / "plots.py"), str(out), "--report"]
 
 
 @pytest.mark.slow
@@ -852,8 +854,9 @@ def test_smoke_campaign_says_where_everything_is(smoke):
                                         out / "figures", out / "campaign.log"]
     assert all(Path(p).exists() for p in named)
     report = next(line for line in lines if line.startswith("Every figure and the report: "))
-    assert report == f"Every figure and the report: python plots.py {out} --report  (writes {out}/report.html)"
-    assert f"python plots.py {out}" in report
+    assert report == f"Every figure and the report: {rx.plots_command(out)}  (writes {out}/report.html)"
+    python, *command = shlex.split(report.split(": ", 1)[1])[:4]
+    assert Path(python).resolve() == Path(sys.executable).resolve() and command == ["plots.py", str(out), "--report"]
     assert (ROOT / "analysis.ipynb").is_file() and (ROOT / "plots.py").is_file()
 
     log = (out / "campaign.log").read_text().splitlines()

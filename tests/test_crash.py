@@ -435,7 +435,7 @@ def test_a_signal_while_the_headline_figures_are_drawn_skips_them(signum, mnist,
     assert "Could not draw" not in stderr
     assert "Interrupted: the headline figures were not drawn; the command below draws them." in stdout
     assert f"{TINY_RUNS} ok, 0 failed, 0 diverged, 0 pending." in stdout
-    assert "Every figure and the report: python plots.py" in stdout
+    assert f"Every figure and the report: {rx.plots_command(out)}" in stdout
     assert len(rs.read_csv(out / rs.PER_RUN_CSV)) == TINY_RUNS
     assert json.loads((out / rs.CAMPAIGN_JSON).read_text())["finished_at"] is not None
     assert signal.getsignal(signal.SIGTERM) == sigterm_handler  # restored
