@@ -758,8 +758,8 @@ def signals_handled(handler):
     try:
         yield
     finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
+        for stop, handled_before in previous.items():
+            signal.signal(stop, handled_before)
 
 
 def signals_ignored():
