@@ -890,16 +890,23 @@ def grid_factors(config: dict) -> str:
     points = noise_points(config)
     clean = " (p = 0 once, shared by the noise types)" if points and points[0][1] == 0 else ""
     reported = f"; epochs {', '.join(map(str, epochs))}: one run of {epochs[-1]} reports each"
-    return (" x ".join([*axes.values(), f"{len(loss_variants(config))} losses (with their settings)",
-                        f"{len(points)} noise points{clean}", f"{config['repeats']} repeats"])
+    return (" x ".join([*axes.values(), counted(len(loss_variants(config)), "loss (with its settings)",
+                                                "losses (with their settings)"),
+                        counted(len(points), "noise point", "noise points") + clean,
+                        counted(config["repeats"], "repeat", "repeats")])
             + (reported if len(epochs) > 1 else ""))
+
+
+def counted(n: int, one: str, several: str) -> str:
+    return f"{n} {one if n == 1 else several}"
 
 
 def placement(config: dict) -> str:
     """Where the runs go: this machine's workers, or the Dask cluster."""
     if config["executor"] == "dask":
         return f"the Dask cluster at {config['dask_scheduler']}"
-    return f"{resolved_workers(config)} workers x {config['cpu_threads_per_worker']} threads"
+    threads = counted(config["cpu_threads_per_worker"], "thread", "threads")
+    return f"{counted(resolved_workers(config), 'worker', 'workers')} x {threads}"
 
 
 def print_dry_run(config: dict, list_runs: bool = False) -> None:
@@ -914,7 +921,7 @@ def print_dry_run(config: dict, list_runs: bool = False) -> None:
     seconds = estimate_seconds(specs)
     wall = max(sum(seconds) / workers, max(seconds))
     memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    where = "on the GPU" if config["use_cuda"] else f"on {threads} thread(s)"
+    where = "on the GPU" if config["use_cuda"] else f"on {counted(threads, 'thread', 'threads')}"
     on = f"on {workers} workers" if local else "on one worker, to divide by the Dask cluster's workers"
     print(f"Estimated wall time {duration(wall)} {on} ({duration(min(seconds))} to {duration(max(seconds))} per run "
           f"{where}); peak memory at most {memory_mb:.0f} MB per worker"

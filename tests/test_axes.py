@@ -318,9 +318,9 @@ def test_two_noise_types_share_one_clean_run_and_every_count_agrees(mnist, mnist
     code, dry, _ = run_main([*argv, "--dry-run"])
     assert code == 0
     head = dry.splitlines()[0]
-    assert head.startswith(f"{TINY_RUNS} runs: 1 losses (with their settings) x 3 noise points (p = 0 once, shared "
+    assert head.startswith(f"{TINY_RUNS} runs: 1 loss (with its settings) x 3 noise points (p = 0 once, shared "
                            "by the noise types) x 2 repeats;")
-    factors = [int(n) for n in re.findall(r"(\d+) (?:losses|noise points|repeats)", head)]
+    factors = [int(n) for n in re.findall(r"(\d+) (?:loss|noise point|repeat)", head)]
     assert np.prod(factors) == TINY_RUNS
 
     code, stdout, stderr = run_main(argv)

@@ -637,8 +637,8 @@ def test_dry_run_prints_the_grid_and_writes_nothing(mnist_dir, tmp_path, monkeyp
     assert code == 0
     specs = rx.build_grid(config_of(*argv))
     assert len(specs) == 20
-    assert printed.startswith(f"20 runs: 2 activations x 1 losses (with their settings) x 5 noise points (p = 0 once, "
-                              f"shared by the noise types) x 2 repeats; 2 workers x 1 threads; output_dir={out}\n")
+    assert printed.startswith(f"20 runs: 2 activations x 1 loss (with its settings) x 5 noise points (p = 0 once, "
+                              f"shared by the noise types) x 2 repeats; 2 workers x 1 thread; output_dir={out}\n")
     assert "Estimated wall time " in printed and " on 2 workers (" in printed
     assert not any(spec.run_id in printed for spec in specs)  # the runs are listed on request only
     assert not out.exists()
@@ -689,7 +689,7 @@ def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
     assert rx.estimate_seconds(estimated[:1]) == [pytest.approx(3 * (2000 / 1000.0 + 2.0) + 4 * 2000 / 1000.0)]
 
 
-@pytest.mark.parametrize("use_cuda, where", [(False, "on 1 thread(s)"), (True, "on the GPU")])
+@pytest.mark.parametrize("use_cuda, where", [(False, "on 1 thread"), (True, "on the GPU")])
 def test_dry_run_estimate_line(mnist_dir, monkeypatch, capsys, use_cuda, where):
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [120.0] * len(specs))
     rx.print_dry_run(config_of("--smoke", "--data_dir", str(mnist_dir), "--use_cuda", str(use_cuda),
@@ -706,7 +706,7 @@ def test_dry_run_for_a_dask_cluster_names_it_and_the_time_on_one_worker(mnist_di
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].endswith("x 2 repeats; the Dask cluster at tcp://10.0.0.5:8786; output_dir=results/smoke")
     assert printed[2] == ("Estimated wall time 40 min on one worker, to divide by the Dask cluster's workers (2 min to "
-                          f"2 min per run on 1 thread(s)); peak memory at most {printed[2].split('most ')[1]}")
+                          f"2 min per run on 1 thread); peak memory at most {printed[2].split('most ')[1]}")
     assert printed[2].endswith(" MB per worker.")
 
 
@@ -842,7 +842,7 @@ def test_the_report_command_of_the_closing_lines_reads_back_as_typed_from_any_di
 def test_smoke_campaign_says_where_everything_is(smoke):
     out, stdout = smoke["out"], smoke["stdout"]
     lines = stdout.splitlines()
-    assert lines[0] == f"20 runs in the grid, 0 already done, 20 to run on 2 workers x 1 threads. Results: {out}/"
+    assert lines[0] == f"20 runs in the grid, 0 already done, 20 to run on 2 workers x 1 thread. Results: {out}/"
     assert progress(stdout) == [f"{k}/20" for k in range(1, 21)]
     runs = per_run_lines(stdout)
     assert all(re.fullmatch(r"\[ok\] mlp/(relu|tanh) \w+ p=0\.(00|50) r[01]: "
