@@ -871,7 +871,9 @@ def estimate_seconds(specs: list[RunSpec]) -> list[float]:
 
 
 def duration(seconds: float) -> str:
-    """'45 s', '12 min' or '3.4 h'."""
+    """'0.3 s', '45 s', '12 min' or '3.4 h'."""
+    if seconds < 1:  # a smoke run's
+        return f"{seconds:.1g} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -689,6 +689,11 @@ def test_estimate_calibrates_once_per_kind_of_run(mnist_dir, monkeypatch):
     assert rx.estimate_seconds(estimated[:1]) == [pytest.approx(3 * (2000 / 1000.0 + 2.0) + 4 * 2000 / 1000.0)]
 
 
+def test_durations_read_at_every_scale():
+    """A smoke run's fraction of a second is not shown as 0 s."""
+    assert [rx.duration(s) for s in (0, 0.26, 45.4, 720, 3.4 * 3600)] == ["0 s", "0.3 s", "45 s", "12 min", "3.4 h"]
+
+
 @pytest.mark.parametrize("use_cuda, where", [(False, "on 1 thread"), (True, "on the GPU")])
 def test_dry_run_estimate_line(mnist_dir, monkeypatch, capsys, use_cuda, where):
     monkeypatch.setattr(rx, "estimate_seconds", lambda specs: [120.0] * len(specs))
