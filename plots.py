@@ -42,6 +42,7 @@ REFERENCE_DIR = NOTEBOOK.parent / "results" / "reference"  # the campaign whose 
 OTHER_FIELDS = [f for f in rs.GROUP_FIELDS if f not in ("dataset", "model_type", "activation", "noise_type",
                                                            "noise_matrix", "p")]
 PAIRED_LOSS = "minus_ce_test_accuracy"
+WIDTHS = "hidden_sizes"  # an MLP's setting: a CNN's is empty, and a CNN is in every slice of it (select)
 # What the report compares as remedies, side by side: the loss, early stopping and the training length.
 REMEDY_FIELDS = [*rs.LOSS_FIELDS, "validation_fraction", "epochs"]
 LABELS = {**{name: metric.label for name, metric in registry.METRICS.items()},
@@ -81,7 +82,7 @@ def experiments(table: pd.DataFrame, apart=()) -> pd.DataFrame:
     for field in ([] if "model_type" in apart else ["model_type"]) + fields:
         text = table[field].astype(object).where(table[field].notna(), "none").astype(str)
         text = (" · " if field in ("model_type", "loss_settings") else f" · {field}=") + text
-        absent = table[field].isna() & (field in ("hidden_sizes", "loss_settings"))  # a CNN's widths, ce's settings
+        absent = table[field].isna() & (field in (WIDTHS, "loss_settings"))  # a CNN's widths, ce's settings
         setting = setting + text.where(~absent, "")
     matrices = sorted(table["noise_matrix"].dropna().unique())
     number = {m: f"label_matrix #{i}" for i, m in enumerate(matrices, 1)} if len(matrices) > 1 else {}
@@ -305,10 +306,10 @@ def plot_losses(summary: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
 def plot_models(summary: pd.DataFrame) -> Figure | None:
     """Figure 14: model types side by side (an MLP per width where its widths vary), a line per model, a row per
     setting, activation and noise type."""
-    frame = experiments(summary[summary["loss"] == "ce"], apart=["model_type", "hidden_sizes"])
+    frame = experiments(summary[summary["loss"] == "ce"], apart=["model_type", WIDTHS])
     if frame["model_type"].nunique() < 2:
         return None
-    widths = (" " + frame["hidden_sizes"]).fillna("") if frame["hidden_sizes"].nunique() > 1 else ""
+    widths = (" " + frame[WIDTHS]).fillna("") if frame[WIDTHS].nunique() > 1 else ""
     frame = frame.assign(model=frame["model_type"] + widths)
     colors = {model: f"C{i}" for i, model in enumerate(sorted(frame["model"].unique()))}
 
@@ -432,7 +433,7 @@ def select(results: rs.Results, **values) -> rs.Results:
     def part(table):
         for field, value in values.items():
             chosen = table[field].isna() if value is None else table[field].astype(str) == str(value)
-            table = table[chosen | table[field].isna() & (field == "hidden_sizes")]
+            table = table[chosen | table[field].isna() & (field == WIDTHS)]
         return table
     return rs.Results(*(part(table) for table in dataclasses.astuple(results)))
 
@@ -468,7 +469,7 @@ def default_or_smallest(field: str, values: pd.Series):
     default = rs.csv_value(getattr(registry.TrainConfig(), field))
     if str(default) in ran_values(values):
         return default
-    widths = (lambda v: tuple(map(int, v.split("-")))) if field == "hidden_sizes" else None
+    widths = (lambda v: tuple(map(int, v.split("-")))) if field == WIDTHS else None
     return sorted(values.dropna().unique(), key=widths)[0]
 
 
@@ -636,7 +637,7 @@ def drawn(name: str, results: rs.Results, file: str | None = None) -> list[tuple
         field = max(fields, key=lambda f: results.summary[f].nunique())
         print(f"note: {exc}; drawn once per {field} (or choose a slice: plots.select)")
         stem, values = Path(file).stem, sorted(results.summary[field].dropna().unique(), key=str)
-        if field != "hidden_sizes" and results.summary[field].isna().any():  # a CNN is in every slice of widths
+        if field != WIDTHS and results.summary[field].isna().any():  # a CNN is in every slice of widths already
             values.append(None)  # max_train_samples: all samples
         return [item for value in values
                 for item in drawn(name, select(results, **{field: value}), f"{stem}__{field}={value}.png")]
